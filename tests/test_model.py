@@ -1,0 +1,322 @@
+"""STPNet model: shapes, training signal, gradient flow, save/load, remote code, pipeline, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_stpnet import (
+    ScaleAwareTextRepository,
+    STPNetConfig,
+    STPNetForSemanticSegmentation,
+    STPNetImageProcessor,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ROOT / "configuration" / "models"
+
+
+@cache
+def encoded_qata() -> tuple[torch.Tensor, ...]:
+    """The QaTa repository encoded by the offline MiniLM encoder (real text embeddings, computed once)."""
+    repo = ScaleAwareTextRepository.from_json_file(ROOT / "configuration" / "text" / "qata-cov19.json")
+    return tuple(repo.encode())
+
+
+def tiny_config(**overrides) -> STPNetConfig:
+    config = STPNetConfig.from_json_file(str(PRESETS / "stpnet-tiny.json"))
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.validate()
+    return config
+
+
+def build(seed: int = 0, **overrides) -> STPNetForSemanticSegmentation:
+    torch.manual_seed(seed)
+    model = STPNetForSemanticSegmentation(tiny_config(**overrides))
+    if model.use_text:
+        model.set_text_embeddings(list(encoded_qata()), "sentence-transformers/all-MiniLM-L6-v2")
+    return model
+
+
+def blob_batch(batch: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images with one bright disc each, its mask, and plausible text labels."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images, masks = [], []
+    for _ in range(batch):
+        cy, cx = torch.randint(size // 4, 3 * size // 4, (2,), generator=g)
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 < (size // 6) ** 2).float()
+        images.append(mask[None].repeat(3, 1, 1) * 1.5 + 0.3 * torch.randn(3, size, size, generator=g))
+        masks.append(mask)
+    text = torch.tensor([[0, 0, 1, 0], [1, 1, 3, 7], [0, 0, 0, 2]])[:batch]
+    return torch.stack(images), torch.stack(masks), text
+
+
+@pytest.mark.parametrize("size", [224, 256])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_output_shapes(size: int, batch: int) -> None:
+    model = build().eval()
+    with torch.no_grad():
+        out = model(torch.randn(batch, 3, size, size))
+    assert out.logits.shape == (batch, 1, size, size)
+    assert [r.shape for r in out.retrieval_logits] == [(batch, n) for n in (2, 2, 8, 8)]
+    assert [c.shape for c in out.classifier_logits] == [(batch, n) for n in (2, 2, 8, 8)]
+    assert out.retrieved_indices.shape == (batch, 4)
+    assert out.loss is None
+    assert torch.isfinite(out.logits).all()
+
+
+def test_non_square_and_shared_backbone_shapes() -> None:
+    model = build(retrieval_backbone="shared").eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 160, 96))
+    assert out.logits.shape == (2, 1, 160, 96)
+
+
+def test_loss_parts_and_weights() -> None:
+    model = build().train()
+    x, y, t = blob_batch(2, 128)
+    out = model(x, labels=y, text_labels=t)
+    cfg = model.config
+    expected = (
+        cfg.dice_weight * out.dice_loss
+        + cfg.bce_weight * out.bce_loss
+        + cfg.retrieval_weight * out.retrieval_loss
+        + cfg.classifier_weight * out.classifier_loss
+    )
+    assert torch.allclose(out.loss, expected)
+    seg_only = model(x, labels=y)
+    assert seg_only.retrieval_loss is None and seg_only.loss > 0
+
+
+def test_loss_decreases_on_a_tiny_batch() -> None:
+    model = build(seed=1).train()
+    x, y, t = blob_batch(3, 128, seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(16):
+        optimizer.zero_grad()
+        out = model(x, labels=y, text_labels=t)
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+    # Batch statistics (train mode): running BatchNorm statistics are not settled after a dozen steps.
+    assert (out.retrieved_indices == t).float().mean() > 0.9  # retrieval learned the true entries
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"retrieval_backbone": "shared"},
+        {"use_ssa": False},
+        {"use_text": False},
+        {"teacher_forcing_prob": 1.0},
+    ],
+    ids=["resnet18", "shared", "no-ssa", "no-text", "teacher-forcing"],
+)
+def test_no_dead_parameters(overrides: dict) -> None:
+    model = build(**overrides).train()
+    x, y, t = blob_batch(2, 128)
+    model(x, labels=y, text_labels=t).loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert dead == []
+
+
+def test_segmentation_loss_reaches_retrieval() -> None:
+    """The straight-through choice lets the mask loss train the retrieval network (the authors' code did not)."""
+    model = build().train()
+    x, y, _ = blob_batch(2, 128)
+    model(x, labels=y).loss.backward()
+    assert model.retrieval.token_mlp[0].weight.grad.abs().sum() > 0
+    assert model.retrieval.logit_scale.grad is not None
+
+
+def test_teacher_forcing_uses_the_true_text() -> None:
+    model = build(teacher_forcing_prob=1.0).train()
+    x, y, t = blob_batch(2, 128)
+    forced = model._select_text([torch.zeros(2, n) for n in (2, 2, 8, 8)], t[:2])
+    for k, emb in enumerate(model.text_embeddings()):
+        assert torch.allclose(forced[k], emb[t[:2, k]])
+
+
+def test_save_load_round_trip_identical_logits(tmp_path: Path) -> None:
+    model = build().eval()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        before = model(x)
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_stpnet.py", "configuration_stpnet.py"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == auto_map["AutoModelForSemanticSegmentation"]
+    loaded = STPNetForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        after = loaded(x)
+    assert torch.equal(before.logits, after.logits)
+    assert torch.equal(before.retrieved_indices, after.retrieved_indices)
+    for a, b in zip(model.text_embeddings(), loaded.text_embeddings()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path: Path) -> None:
+    build().save_pretrained(tmp_path)
+    other = tiny_config(base_channels=32)
+    with pytest.raises(RuntimeError, match="size mismatch|mismatch"):
+        STPNetForSemanticSegmentation.from_pretrained(tmp_path, config=other)
+
+
+def test_wrong_text_embeddings_are_refused() -> None:
+    model = build()
+    with pytest.raises(ValueError, match="expects"):
+        model.set_text_embeddings([torch.zeros(2, 30, 768)] * 4)
+
+
+def test_bad_pixel_values_and_labels() -> None:
+    model = build().eval()
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.randn(1, 3, 100, 128))
+    with pytest.raises(ValueError, match="pixel_values must be"):
+        model(torch.randn(1, 1, 128, 128))
+    with pytest.raises(ValueError, match="labels must be"):
+        model(torch.randn(1, 3, 128, 128), labels=torch.zeros(1, 64, 64))
+    with pytest.raises(ValueError, match="text_labels must be"):
+        model(torch.randn(1, 3, 128, 128), text_labels=torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("image_size", 100, "multiple of 32"),
+        ("retrieval_backbone", "vgg16", "retrieval_backbone"),
+        ("base_channels", 0, "base_channels"),
+        ("num_attention_heads", 7, "num_attention_heads"),
+        ("teacher_forcing_prob", 1.5, "teacher_forcing_prob"),
+        ("text_sentences", [["only one"], ["a", "b"], ["a", "b"], ["a", "b"]], "at least 2"),
+        ("text_categories", ["a", "b"], "category names but"),
+    ],
+)
+def test_config_validation(field: str, value, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        STPNetConfig(**{field: value})
+
+
+def test_presets_load_and_paper_size() -> None:
+    names = {p.stem for p in PRESETS.glob("*.json")}
+    assert {"stpnet-paper", "stpnet-small", "stpnet-tiny"} <= names
+    for p in PRESETS.glob("*.json"):
+        config = STPNetConfig.from_json_file(str(p))
+        assert config.text_categories == ["laterality", "count", "left_location", "right_location"]
+    from modeling_stpnet.summary import count_parameters
+
+    paper = STPNetForSemanticSegmentation(STPNetConfig.from_json_file(str(PRESETS / "stpnet-paper.json")))
+    # The authors report 80 M used parameters (ResNet-101 42.5 M of them).
+    assert 75e6 < count_parameters(paper) < 85e6
+    assert 42e6 < count_parameters(paper.retrieval.backbone) < 43e6
+
+
+def test_summary_gmacs_counts_real_work() -> None:
+    from modeling_stpnet.summary import count_gmacs
+
+    small = count_gmacs(build(retrieval_backbone="shared"), 128)
+    larger = count_gmacs(build(retrieval_backbone="shared"), 256)
+    assert 0.3 < small < 3
+    assert larger == pytest.approx(4 * small, rel=0.1)
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    try:
+        import modeling_stpnet
+        sys.exit("modeling_stpnet is importable: the remote-code test would prove nothing")
+    except ImportError:
+        pass
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation, pipeline
+    from PIL import Image
+    ckpt = sys.argv[1]
+    model = AutoModel.from_pretrained(ckpt, trust_remote_code=True).eval()
+    seg = AutoModelForSemanticSegmentation.from_pretrained(ckpt, trust_remote_code=True)
+    assert type(model).__name__ == type(seg).__name__ == "STPNetForSemanticSegmentation"
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    processor = AutoImageProcessor.from_pretrained(ckpt, trust_remote_code=True)
+    x = torch.load(sys.argv[2])
+    with torch.no_grad():
+        logits = model(x).logits
+    expected = torch.load(sys.argv[3])
+    # Another process may pick other CPU kernels/thread splits: equal up to float32 summation order.
+    diff = (logits - expected).abs().max()
+    assert torch.allclose(logits, expected, atol=1e-3), f"remote-code logits differ by {diff}"
+    image = Image.new("RGB", (150, 100), (90, 40, 30))
+    inputs = processor(image)
+    with torch.no_grad():
+        out = model(**{k: v for k, v in inputs.items() if k == "pixel_values"})
+    mask = processor.post_process_semantic_segmentation(out, target_sizes=[(100, 150)])[0]
+    assert mask.shape == (100, 150)
+    print(processor.post_process_description(out, model.config)[0]["description"])
+    result = pipeline("image-segmentation", model=ckpt, trust_remote_code=True)(image)
+    assert {r["label"] for r in result} <= {"background", "lesion"} and result[0]["mask"].size == (150, 100)
+    print("REMOTE OK")
+    """
+)
+
+
+def test_remote_code_in_a_clean_process(tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoint"
+    model = build().eval()
+    model.save_pretrained(ckpt)
+    STPNetImageProcessor(size={"height": 128, "width": 128}).save_pretrained(ckpt)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.save(model(x).logits, tmp_path / "logits.pt")
+    torch.save(x, tmp_path / "x.pt")
+    (tmp_path / "check.py").write_text(REMOTE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    # -I: isolated mode, so neither the repo root nor the current folder is on sys.path.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            str(tmp_path / "check.py"),
+            str(ckpt),
+            str(tmp_path / "x.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "REMOTE OK" in result.stdout
+
+
+def test_image_processor_feeds_the_model() -> None:
+    model = build().eval()
+    processor = STPNetImageProcessor(size={"height": 128, "width": 128})
+    image = Image.fromarray((np.random.default_rng(0).random((90, 140)) * 255).astype(np.uint8), mode="L")
+    inputs = processor([image, image.convert("RGBA")])
+    with torch.no_grad():
+        out = model(pixel_values=inputs["pixel_values"])
+    masks = processor.post_process_semantic_segmentation(out, target_sizes=inputs["original_sizes"].tolist())
+    assert [m.shape for m in masks] == [(90, 140), (90, 140)]
+    described = processor.post_process_description(out, model.config)
+    assert described[0]["description"].endswith(".")
+    first = described[0]["categories"][0]
+    assert first["category"] == "laterality" and 0 < first["probability"] <= 1
+    assert sum(first["probabilities"].values()) == pytest.approx(1, abs=1e-5)
