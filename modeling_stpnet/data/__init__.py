@@ -1,0 +1,62 @@
+"""Data for STPNet: raw layouts -> ``datasets.DatasetDict`` of (image, mask, text, category labels).
+
+Typical use::
+
+    from modeling_stpnet.data import load_stpnet_dataset
+    ds = load_stpnet_dataset("sample/kvasir-seg-mini")          # raw layout, converted on the fly
+    ds = load_stpnet_dataset("outputs/kvasir-seg", "configuration/text/kvasir-seg.json")  # saved, validated
+"""
+
+from .convert import (
+    ConversionReport,
+    carve_validation,
+    class_balance,
+    convert_layout,
+    convert_pair,
+    convert_raw,
+    dataset_features,
+    format_class_balance,
+    resolve_repository,
+)
+from .descriptions import MaskDescriber, MaskStatistics, connected_components, describe_mask, mask_statistics
+from .hub import load_stpnet_dataset, push_stpnet_dataset, save_stpnet_dataset, validate_stpnet_dataset
+from .io import DataError, load_image, load_mask, mask_array, mask_to_image, to_rgb8
+from .layouts import LAYOUTS, PairRecord, RawDataset, Skip, definition_path, detect_layout, discover
+from .lung_text import categories_from_zones, location_sentence, parse_lung_description
+
+__all__ = [
+    "LAYOUTS",
+    "ConversionReport",
+    "DataError",
+    "MaskDescriber",
+    "MaskStatistics",
+    "PairRecord",
+    "RawDataset",
+    "Skip",
+    "carve_validation",
+    "categories_from_zones",
+    "class_balance",
+    "connected_components",
+    "convert_layout",
+    "convert_pair",
+    "convert_raw",
+    "dataset_features",
+    "definition_path",
+    "describe_mask",
+    "detect_layout",
+    "discover",
+    "format_class_balance",
+    "load_image",
+    "load_mask",
+    "load_stpnet_dataset",
+    "location_sentence",
+    "mask_array",
+    "mask_statistics",
+    "mask_to_image",
+    "parse_lung_description",
+    "push_stpnet_dataset",
+    "resolve_repository",
+    "save_stpnet_dataset",
+    "to_rgb8",
+    "validate_stpnet_dataset",
+]
