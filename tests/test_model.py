@@ -239,12 +239,24 @@ def test_summary_gmacs_counts_real_work() -> None:
 
 REMOTE_SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import sys
+
+
+    class HidePackage:
+        # Act as a machine without this package: an editable install would otherwise stay importable.
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "modeling_stpnet":
+                raise ImportError(f"{name} is hidden for this test")
+
+
+    sys.meta_path.insert(0, HidePackage())
     try:
-        import modeling_stpnet
+        import modeling_stpnet  # noqa: F401
         sys.exit("modeling_stpnet is importable: the remote-code test would prove nothing")
     except ImportError:
         pass
+    import torch
     from transformers import AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation, pipeline
     from PIL import Image
     ckpt = sys.argv[1]
