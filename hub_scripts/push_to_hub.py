@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Write the model card from ``model_card.md`` and upload a checkpoint folder to the Hugging Face Hub.
+
+Examples::
+
+    python hub_scripts/push_to_hub.py --model outputs/sample-tiny/best \
+        --metrics outputs/sample-tiny/evaluation/metrics.json --dry-run outputs/sample-tiny/hub
+    python hub_scripts/push_to_hub.py --model outputs/kvasir/best --metrics outputs/kvasir/test/metrics.json \
+        --repo-id me/stpnet-kvasir-seg          # needs a network and `hf auth login`
+
+``--dry-run DIR`` writes exactly the folder that would be uploaded (checkpoint files + README.md + metrics.json) and
+uploads nothing. Without ``--metrics`` the script looks for ``test/metrics.json`` and ``evaluation/metrics.json``
+next to the checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import yaml
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "model_card.md"
+REQUIRED = ("config.json", "model.safetensors")
+
+DATASETS = {
+    "kvasir-seg": {
+        "name": "Kvasir-SEG",
+        "origin": "built automatically from the masks (count, size, horizontal and vertical position)",
+        "citation": "Kvasir-SEG: D. Jha, P. H. Smedsrud, M. A. Riegler, P. Halvorsen, T. de Lange, D. Johansen, H. D. "
+        'Johansen. "Kvasir-SEG: A Segmented Polyp Dataset." MultiMedia Modeling (MMM) 2020, LNCS 11962, pp. 451-462. '
+        "Open access for research and education; commercial use needs the owners' permission (Simula).",
+    },
+    "qata-cov19": {
+        "name": "QaTa-COV19",
+        "origin": "derived from the LViT/SGSeg text annotations (laterality, count, left and right lung zones)",
+        "citation": "QaTa-COV19: Degerli et al., ICIP 2022 and Health Inf. Sci. Syst. 2021 (Qatar University, Tampere "
+        "University). Text annotations: Li et al., LViT, IEEE TMI 2023; Ye et al., SGSeg, MICCAI 2024.",
+    },
+    "mosmeddata-plus": {
+        "name": "MosMedData+",
+        "origin": "derived from the LViT text annotations",
+        "citation": "MosMedData+: Morozov et al., 2020; text annotations: Li et al., LViT, IEEE TMI 2023.",
+    },
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (e.g. outputs/run/best)")
+    parser.add_argument("--metrics", type=Path, default=None, help="metrics.json of hub_scripts/evaluate.py")
+    parser.add_argument("--repo-id", default=None, help="Hub model repository, e.g. me/stpnet-kvasir-seg")
+    parser.add_argument("--dry-run", type=Path, default=None, metavar="DIR", help="write the upload folder only")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--commit-message", default="Upload STPNet checkpoint")
+    return parser
+
+
+def find_metrics(model_dir: Path, given: Path | None) -> dict[str, Any]:
+    candidates = (
+        [given]
+        if given is not None
+        else [model_dir.parent / "test" / "metrics.json", model_dir.parent / "evaluation" / "metrics.json"]
+    )
+    for path in candidates:
+        if path is not None and path.is_file():
+            return json.loads(path.read_text())
+    raise FileNotFoundError(
+        f"No metrics found ({', '.join(str(c) for c in candidates)}); run hub_scripts/evaluate.py first or pass "
+        "--metrics"
+    )
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
+def card_values(model_dir: Path, metrics: dict[str, Any], repo_id: str) -> dict[str, str]:
+    """The template's fields from the checkpoint's config, its training config and the metrics."""
+    config = json.loads((model_dir / "config.json").read_text())
+    train_path = model_dir / "train_config.yaml"
+    train = yaml.safe_load(train_path.read_text()) if train_path.is_file() else {}
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as handle:
+        # parameters only: the stored text embeddings and BatchNorm statistics are buffers
+        parameters = sum(_numel(handle.get_slice(k).get_shape()) for k in handle.keys() if not _is_buffer(k))
+    repository = config.get("text_repository_name", "custom")
+    known = DATASETS.get(repository, {"name": repository, "origin": "user-defined", "citation": ""})
+    split = metrics.get("split", "test")
+    retrieval = (metrics.get("retrieval_accuracy") or {}).get("mean")
+    note = (
+        "These are **validation** numbers: the split was also used to select the checkpoint."
+        if split in ("validation", "valid", "val")
+        else "The test split was never used for selection or early stopping."
+    )
+    data, optim = train.get("data", {}), train.get("train", {})
+    training = (
+        f"{optim.get('optimizer', '?')} lr {optim.get('lr', '?')} ({optim.get('scheduler', '?')} schedule), batch "
+        f"{optim.get('batch_size', '?')}, {optim.get('max_steps') or str(optim.get('epochs', '?')) + ' epochs'} "
+        f"{'steps' if optim.get('max_steps') else ''}, seed {optim.get('seed', '?')}, augmentation "
+        f"{'on' if train.get('augment', {}).get('enabled') else 'off'}; full config in `train_config.yaml`."
+        if train
+        else "see the training configuration that came with this checkpoint."
+    )
+    return {
+        "model_name": repo_id.split("/")[-1],
+        "repo_id": repo_id,
+        "dataset_id": repository,
+        "dataset_name": known["name"],
+        "split": split,
+        "dice": _fmt(metrics.get("dice")),
+        "iou": _fmt(metrics.get("iou")),
+        "micro_dice": _fmt(metrics.get("micro_dice")),
+        "micro_iou": _fmt(metrics.get("micro_iou")),
+        "input_dice": _fmt((metrics.get("input_resolution") or {}).get("dice")),
+        "retrieval_mean": _fmt(retrieval),
+        "num_images": str(metrics.get("num_images", "?")),
+        "results_note": note,
+        "base_channels": str(config.get("base_channels")),
+        "retrieval_backbone": str(config.get("retrieval_backbone")),
+        "num_parameters": f"{parameters / 1e6:.2f}",
+        "image_size": str(config.get("image_size")),
+        "repository_name": repository,
+        "num_categories": str(len(config.get("text_categories", []))),
+        "categories": ", ".join(config.get("text_categories", [])),
+        "text_encoder": str(config.get("text_encoder_name_or_path")),
+        "repository_origin": known["origin"],
+        "data_description": _data_description(data, metrics, split),
+        "training_summary": training,
+        "dataset_citation": known["citation"],
+    }
+
+
+def _data_description(data: dict[str, Any], metrics: dict[str, Any], split: str) -> str:
+    carved = data.get("validation_from_train")
+    selection = f"a {carved:.0%} seeded carve of train" if carved else f"split `{data.get('validation_split', '?')}`"
+    return (
+        f"Dataset `{data.get('dataset', metrics.get('dataset', '?'))}`: trained on split "
+        f"`{data.get('train_split', 'train')}`, checkpoint selected on {selection}, evaluated on split `{split}` of "
+        f"`{metrics.get('dataset', '?')}`."
+    )
+
+
+def _numel(shape: list[int]) -> int:
+    total = 1
+    for n in shape:
+        total *= int(n)
+    return total
+
+
+def _is_buffer(name: str) -> bool:
+    leaf = name.split(".")[-1]
+    return leaf.startswith("text_embeddings_") or leaf in ("running_mean", "running_var", "num_batches_tracked")
+
+
+def build_folder(model_dir: Path, metrics: dict[str, Any], repo_id: str, folder: Path) -> Path:
+    """Copy the checkpoint files and write README.md (the filled template) and metrics.json into ``folder``."""
+    missing = [name for name in REQUIRED if not (model_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{model_dir} is not a checkpoint folder: missing {missing}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file():
+            shutil.copy2(path, folder / path.name)
+    card = Template(TEMPLATE.read_text(encoding="utf-8")).substitute(card_values(model_dir, metrics, repo_id))
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.dry_run is None and not args.repo_id:
+        print("error: give --repo-id to upload, or --dry-run DIR to only write the folder", file=sys.stderr)
+        return 2
+    repo_id = args.repo_id or f"your-name/{args.model.resolve().parent.name or 'stpnet'}"
+    try:
+        metrics = find_metrics(args.model, args.metrics)
+        if args.dry_run is not None:
+            shutil.rmtree(args.dry_run, ignore_errors=True)
+            build_folder(args.model, metrics, repo_id, args.dry_run)
+            print(f"dry run: the upload folder is {args.dry_run} (nothing uploaded)")
+            return 0
+        from huggingface_hub import HfApi
+
+        with tempfile.TemporaryDirectory() as staging:
+            build_folder(args.model, metrics, repo_id, Path(staging))
+            api = HfApi()
+            api.create_repo(repo_id, private=args.private, exist_ok=True, repo_type="model")
+            api.upload_folder(folder_path=staging, repo_id=repo_id, commit_message=args.commit_message)
+    except (FileNotFoundError, KeyError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"uploaded: https://huggingface.co/{repo_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Train STPNet (or another segmentation model) from a YAML config, with Accelerate.
+
+Examples::
+
+    accelerate launch hub_scripts/train.py --config configuration/train/sample-tiny.yaml
+    python hub_scripts/train.py --config configuration/train/kvasir-seg.yaml --dataset outputs/data/kvasir-seg \
+        --output-dir outputs/kvasir --set train.lr=1e-3 --set model.overrides.retrieval_backbone=shared
+    python hub_scripts/train.py --config configuration/train/kvasir-seg.yaml --output-dir outputs/kvasir --resume
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 hub_scripts/train.py --config ...
+
+``--set section.key=value`` (repeatable) overrides any key of the YAML file; values are parsed as YAML. The selected
+model (best validation Dice) is written to ``<output-dir>/best`` with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from modeling_stpnet.training import (  # noqa: E402
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    read_config_file,
+    run_training,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="YAML training config (configuration/train/)")
+    parser.add_argument("--dataset", default=None, help="local dataset path or Hub id (overrides data.dataset)")
+    parser.add_argument("--output-dir", default=None, help="run folder (overrides output_dir)")
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides train.max_steps)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in <output-dir>/checkpoints, or from the folder given",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set train.lr=1e-3 --set augment.enabled=false (repeatable)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Flag values are taken verbatim (a folder named "no" stays a string); --set values are parsed as YAML.
+    flags = {"data.dataset": args.dataset, "output_dir": args.output_dir, "train.max_steps": args.max_steps}
+    try:
+        data = apply_overrides(read_config_file(args.config), args.overrides)
+        config = config_from_dict(apply_overrides(data, {k: v for k, v in flags.items() if v is not None}))
+        result = run_training(config, resume=args.resume)
+    except (ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not result["is_main_process"]:
+        return 0
+    print(f"best validation Dice {result['best_val_dice']:.4f} (step {result['best_step']}): {result['best_dir']}")
+    if result["test_metrics"]:
+        m = result["test_metrics"]
+        print(f"test ({config.data.test_split}): Dice {m['dice']:.4f}, IoU {m['iou']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Training, evaluation and checkpoint selection for STPNet (needs the ``train`` extra: Accelerate, datasets, ...).
+
+    from modeling_stpnet.training import load_train_config, run_training
+    result = run_training(load_train_config("configuration/train/sample-tiny.yaml", ["train.max_steps=20"]))
+
+See :func:`run_training` for the returned dict and for training other models (``model_factory``).
+"""
+
+from .config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_train_config, read_config_file
+from .evaluation import evaluate_split
+from .model import build_model_config, build_stpnet_model, load_repository
+from .trainer import LoopState, run_training
+
+__all__ = [
+    "ConfigError",
+    "LoopState",
+    "TrainConfig",
+    "apply_overrides",
+    "build_model_config",
+    "build_stpnet_model",
+    "config_from_dict",
+    "evaluate_split",
+    "load_repository",
+    "load_train_config",
+    "read_config_file",
+    "run_training",
+]

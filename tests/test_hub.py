@@ -1,0 +1,109 @@
+"""hub_scripts/push_to_hub.py: the dry-run folder has the model card and loads through remote code in a clean
+process (no network, no Hub)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from modeling_stpnet import STPNetImageProcessor
+from modeling_stpnet.training import build_stpnet_model, load_repository, load_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CONFIG = ROOT / "configuration" / "train" / "sample-tiny.yaml"
+PUSH = ROOT / "hub_scripts" / "push_to_hub.py"
+
+CHECK = textwrap.dedent(
+    """
+    import sys
+
+
+    class BlockPackage:
+        # An editable install of this repo (scripts/setup_env.sh) makes the package importable even under
+        # python -I; block it so that only the checkpoint's own code can be used.
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "modeling_stpnet":
+                raise ImportError(f"{name} is blocked in this check")
+            return None
+
+
+    sys.meta_path.insert(0, BlockPackage())
+    try:
+        import modeling_stpnet
+        sys.exit("modeling_stpnet is importable: the remote-code check would prove nothing")
+    except ImportError:
+        pass
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+    folder = sys.argv[1]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    with torch.no_grad():
+        logits = model(torch.load(sys.argv[2])).logits
+    assert torch.allclose(logits, torch.load(sys.argv[3]), atol=1e-4), (logits - torch.load(sys.argv[3])).abs().max()
+    inputs = processor(Image.new("RGB", (90, 70), (120, 50, 40)))
+    with torch.no_grad():
+        out = model(pixel_values=inputs["pixel_values"])
+    assert processor.post_process_semantic_segmentation(out, target_sizes=[(70, 90)])[0].shape == (70, 90)
+    print(processor.post_process_description(out, model.config)[0]["description"])
+    print("REMOTE OK")
+    """
+)
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_dry_run_folder_has_the_card_and_loads_with_remote_code(tmp_path: Path) -> None:
+    config = load_train_config(SAMPLE_CONFIG, ["data.image_size=64", "model.overrides={base_channels: 8}"])
+    torch.manual_seed(0)
+    model = build_stpnet_model(config, load_repository(config)).eval()
+    best = tmp_path / "run" / "best"
+    model.save_pretrained(best)
+    STPNetImageProcessor(size={"height": 64, "width": 64}).save_pretrained(best)
+    (best / "train_config.yaml").write_text(config.to_yaml())
+    metrics = {"dice": 0.8123, "iou": 0.7012, "micro_dice": 0.8, "micro_iou": 0.69, "num_images": 8, "split": "test"}
+    metrics.update(input_resolution={"dice": 0.81}, retrieval_accuracy={"mean": 0.5}, dataset="sample/kvasir-seg-mini")
+    (tmp_path / "run" / "test").mkdir()
+    (tmp_path / "run" / "test" / "metrics.json").write_text(json.dumps(metrics))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.save(model(x).logits, tmp_path / "logits.pt")
+    torch.save(x, tmp_path / "x.pt")
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    folder = tmp_path / "upload"
+    result = run([sys.executable, str(PUSH), "--model", str(best), "--dry-run", str(folder)], tmp_path, env)
+    assert result.returncode == 0, result.stdout + result.stderr  # metrics found next to the checkpoint
+
+    files = {p.name for p in folder.iterdir()}
+    assert {"README.md", "metrics.json", "config.json", "model.safetensors", "preprocessor_config.json"} <= files
+    assert {"modeling_stpnet.py", "text_repository.py", "train_config.yaml"} <= files
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlicense: apache-2.0") and "${" not in card
+    assert "value: 0.8123" in card and "| Dice (per-image mean) | 0.8123 |" in card and "Kvasir-SEG" in card
+    assert "Jha" in card and "shan2025stpnet" in card and "Limitations" in card and "Intended use" in card
+
+    (tmp_path / "check.py").write_text(CHECK)
+    check = [sys.executable, "-I", str(tmp_path / "check.py"), str(folder), str(tmp_path / "x.pt")]
+    result = run([*check, str(tmp_path / "logits.pt")], tmp_path, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "REMOTE OK" in result.stdout
+
+    no_metrics = run(
+        [sys.executable, str(PUSH), "--model", str(best), "--metrics", "nope.json", "--dry-run", "x"], tmp_path, env
+    )
+    assert no_metrics.returncode == 2 and "No metrics found" in no_metrics.stderr
+    no_target = run([sys.executable, str(PUSH), "--model", str(best)], tmp_path, env)
+    assert no_target.returncode == 2 and "--repo-id" in no_target.stderr

@@ -1,0 +1,345 @@
+"""Training: smoke run, exact resume after SIGKILL, real 2-process DDP, gradient accumulation, models without text,
+augmentation, data order, config errors (CPU, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from modeling_stpnet import STPNetForSemanticSegmentation
+from modeling_stpnet.data import MaskDescriber, load_stpnet_dataset
+from modeling_stpnet.losses import IGNORE_INDEX, dice_loss
+from modeling_stpnet.training import ConfigError, load_train_config, run_training
+from modeling_stpnet.training.augment import TextLabelPolicy, augment_pair, sample_generator
+from modeling_stpnet.training.config import AugmentSection
+from modeling_stpnet.training.data import EpochBatchSampler
+from modeling_stpnet.training.model import load_repository
+from modeling_stpnet.training.schedule import lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CONFIG = ROOT / "configuration" / "train" / "sample-tiny.yaml"
+TRAIN_SCRIPT = ROOT / "hub_scripts" / "train.py"
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """8 train / 4 validation / 4 test pairs of the bundled Kvasir-SEG sample, saved to disk."""
+    repository = load_repository(load_train_config(SAMPLE_CONFIG))
+    sample = load_stpnet_dataset(ROOT / "sample" / "kvasir-seg-mini", repository, progress=False)
+    for split, n in (("train", 8), ("validation", 4), ("test", 4)):
+        sample[split] = sample[split].select(range(n))
+    folder = tmp_path_factory.mktemp("data") / "kvasir-tiny"
+    sample.save_to_disk(str(folder))
+    return folder
+
+
+def tiny_overrides(dataset: Path, output: Path, **extra) -> list[str]:
+    """A ~1 M parameter STPNet at 64 px: fast enough for several runs per test on 2 busy cores."""
+    settings = {
+        "data.dataset": str(dataset),
+        "output_dir": str(output),
+        "data.image_size": 64,
+        "data.test_split": "null",
+        "model.overrides": "{base_channels: 8, retrieval_backbone: shared}",
+        "train.batch_size": 2,
+        "train.epochs": 2,
+        "train.warmup_steps": 2,
+        "train.checkpoint_every_steps": 0,
+        "train.progress": "false",
+        "train.tensorboard": "false",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def run_cli(
+    args: list[str], launcher: list[str] | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    command = (launcher or [sys.executable]) + [str(TRAIN_SCRIPT), "--config", str(SAMPLE_CONFIG), *args]
+    result = subprocess.run(command, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def as_cli(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_training_smoke_writes_a_loadable_best_model(tiny_dataset: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(
+        tiny_dataset, tmp_path / "run", **{"data.test_split": "test", "train.tensorboard": "true"}
+    )
+    result = run_training(load_train_config(SAMPLE_CONFIG, overrides))
+    run = tmp_path / "run"
+    history = result["history"]
+    assert [row["step"] for row in history] == [4, 8]  # one row per epoch
+    assert all(np.isfinite(row["train_loss"]) and row["train_loss"] > 0 for row in history)
+    assert {"train_dice_loss", "train_retrieval_loss", "val_dice", "val_iou", "val_retrieval_mean"} <= set(history[0])
+    assert result["best_val_dice"] == max(row["val_dice"] for row in history)
+    for name in ("history.csv", "history.json", "training_curves.png", "run.json", "train.log", "train_config.yaml"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").rglob("events.out.tfevents*"))
+    assert 0 <= result["test_metrics"]["dice"] <= 1 and (run / "test" / "metrics.json").is_file()
+
+    best = Path(result["best_dir"])
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "text_repository.py"} <= {
+        p.name for p in best.iterdir()
+    }
+    model = STPNetForSemanticSegmentation.from_pretrained(best)
+    assert model.config.text_categories == ["count", "size", "horizontal", "vertical"]
+    assert model.config.image_size == 64 and model.config.text_hidden_size == 384
+    # the stored repository embeddings are the encoder's, not the placeholder random ones
+    assert model.text_embeddings()[0].abs().sum() > 0 and model.text_embeddings()[0][:, -1].abs().sum() == 0
+    auto = AutoModel.from_pretrained(best, trust_remote_code=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(auto(x).logits, model.eval()(x).logits, atol=1e-5)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Checkpoint at step 3 of 4 per epoch (mid-epoch), kill -9, resume: same final weights as a straight run."""
+    settings = {"train.max_steps": 10, "train.checkpoint_every_steps": 3, "train.keep_checkpoints": 5}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_cli(as_cli(tiny_overrides(tiny_dataset, straight, **settings)))
+
+    command = [sys.executable, str(TRAIN_SCRIPT), "--config", str(SAMPLE_CONFIG)]
+    command += as_cli(tiny_overrides(tiny_dataset, killed, **settings))
+    with (tmp_path / "killed.log").open("w") as log:  # a file, not a pipe: a full pipe would stall the run
+        process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 200
+        while not (killed / "checkpoints" / "step-0000003").is_dir():
+            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    done = sorted(p.name for p in (killed / "checkpoints").glob("step-*"))
+    assert "step-0000010" not in done, "the run finished before it could be killed"
+
+    log = run_cli(["--output-dir", str(killed), "--resume", *as_cli(tiny_overrides(tiny_dataset, killed, **settings))])
+    assert "resumed from" in log.stdout + log.stderr
+    final_straight = load_file(straight / "checkpoints" / "step-0000010" / "model.safetensors")
+    final_resumed = load_file(killed / "checkpoints" / "step-0000010" / "model.safetensors")
+    assert final_straight.keys() == final_resumed.keys()
+    for name, tensor in final_straight.items():
+        torch.testing.assert_close(final_resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+    rows = [json.loads((run / "history.json").read_text()) for run in (straight, killed)]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
+    assert [r["val_dice"] for r in rows[0]] == pytest.approx([r["val_dice"] for r in rows[1]], abs=1e-6)
+
+
+def test_two_process_cpu_ddp_really_has_two_ranks(tiny_dataset: Path, tmp_path: Path) -> None:
+    launcher = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+    # without ACCELERATE_USE_CPU, --multi_gpu on a CPU machine runs two unsynchronised copies
+    overrides = tiny_overrides(tiny_dataset, tmp_path / "ddp", **{"train.max_steps": 2})
+    run_cli(as_cli(overrides), launcher=launcher, env={"ACCELERATE_USE_CPU": "true"})
+    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run["world_size"] == 2 and run["ranks"] == [0, 1]
+    assert run["distributed_type"].endswith("MULTI_CPU")
+    assert run["global_batch_size"] == 4 and run["steps"] == 2
+    assert (tmp_path / "ddp" / "best" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------- models other than the default
+class TinySegConfig(PretrainedConfig):
+    model_type = "tiny-seg-test"
+
+
+class TinySegModel(PreTrainedModel):
+    """A BatchNorm-free two-conv segmenter with the baseline interface: forward(pixel_values, labels)."""
+
+    config_class = TinySegConfig
+
+    def __init__(self, config: TinySegConfig) -> None:
+        super().__init__(config)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> SemanticSegmenterOutput:
+        logits = self.net(pixel_values)
+        loss = None
+        if labels is not None:
+            target = labels[:, None].float()
+            loss = dice_loss(logits, target) + nn.functional.binary_cross_entropy_with_logits(logits, target)
+        return SemanticSegmenterOutput(loss=loss, logits=logits)
+
+
+def tiny_factory(config, repository) -> TinySegModel:
+    return TinySegModel(TinySegConfig())
+
+
+def test_gradient_accumulation_equals_the_large_batch(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Batch 4 vs batch 2 x 2 accumulation: same examples per step, same (mean) loss, so the same weights."""
+    finals = []
+    for name, batch, accumulation in (("large", 4, 1), ("accumulated", 2, 2)):
+        overrides = tiny_overrides(
+            tiny_dataset,
+            tmp_path / name,
+            **{"train.batch_size": batch, "train.gradient_accumulation_steps": accumulation, "train.max_steps": 3},
+        )
+        result = run_training(load_train_config(SAMPLE_CONFIG, overrides), model_factory=tiny_factory)
+        assert result["steps"] == 3
+        assert "val_retrieval_mean" not in result["history"][0]  # no retrieval logits: no retrieval metrics
+        finals.append(load_file(tmp_path / name / "checkpoints" / "step-0000003" / "model.safetensors"))
+    for key in finals[0]:
+        torch.testing.assert_close(finals[1][key], finals[0][key], rtol=0, atol=1e-6, msg=key)
+    assert TinySegModel.from_pretrained(tmp_path / "large" / "best") is not None
+
+
+def test_early_stopping_counts_evaluations_without_a_better_dice(tiny_dataset: Path, tmp_path: Path) -> None:
+    # a learning rate of 1e-12 leaves the (BatchNorm-free) model unchanged, so validation Dice never improves
+    settings = {"train.lr": 1e-12, "train.min_lr": 0, "train.eval_every_steps": 1, "train.early_stopping_patience": 2}
+    config = load_train_config(SAMPLE_CONFIG, tiny_overrides(tiny_dataset, tmp_path / "stop", **settings))
+    result = run_training(config, model_factory=tiny_factory)
+    assert result["stopped_early"] and result["steps"] == 3 and result["best_step"] == 1
+    assert [row["is_best"] for row in result["history"]] == [True, False, False]
+    assert (tmp_path / "stop" / "checkpoints" / "step-0000003").is_dir()
+
+
+def test_model_without_text_trains_in_bf16(tiny_dataset: Path, tmp_path: Path) -> None:
+    settings = {"model.overrides.use_text": "false", "train.max_steps": 2, "train.mixed_precision": "bf16"}
+    result = run_training(
+        load_train_config(SAMPLE_CONFIG, tiny_overrides(tiny_dataset, tmp_path / "no-text", **settings))
+    )
+    assert json.loads((tmp_path / "no-text" / "run.json").read_text())["mixed_precision"] == "bf16"
+    row = result["history"][-1]
+    assert np.isfinite(row["train_loss"]) and "train_retrieval_loss" not in row and "val_retrieval_mean" not in row
+    model = STPNetForSemanticSegmentation.from_pretrained(result["best_dir"])
+    assert model.config.use_text is False
+
+
+# ---------------------------------------------------------------------------- pieces
+def test_augmentation_moves_image_and_mask_together() -> None:
+    mask = torch.zeros(64, 64)
+    mask[10:30, 5:20] = 1
+    image = mask[None].repeat(3, 1, 1) * 2.0 - 1.0  # the mask itself, in the image's value range
+    settings = AugmentSection(hflip=0.5, vflip=0.5, rot90=0.5, rotation=0.5, scale=0.5, rotation_degrees=30)
+    changed = 0
+    for index in range(24):
+        result = augment_pair(image, mask, settings, sample_generator(0, 0, index), torch.full((3,), -1.0))
+        recovered = (result.pixel_values[0] > 0).float()
+        agreement = (recovered == result.labels).float().mean()
+        assert agreement > 0.99, index  # bilinear edges may differ by a pixel
+        changed += int(result.changed)
+        again = augment_pair(image, mask, settings, sample_generator(0, 0, index), torch.full((3,), -1.0))
+        assert torch.equal(again.pixel_values, result.pixel_values)  # a function of (seed, epoch, index)
+    assert changed > 12
+
+
+def test_text_labels_follow_the_augmented_mask() -> None:
+    repository = load_repository(load_train_config(SAMPLE_CONFIG))  # kvasir-seg: descriptions from masks
+    describer = MaskDescriber(repository)
+    mask = torch.zeros(64, 64)
+    mask[40:60, 2:14] = 1  # lower left
+    labels = torch.tensor(describer.describe(mask.numpy() > 0))
+    flip = AugmentSection(hflip=1.0, vflip=0.0, rot90=0.0, rotation=0.0)
+    result = augment_pair(mask[None].repeat(3, 1, 1), mask, flip, sample_generator(0, 0, 0))
+    horizontal = repository.categories.index("horizontal")
+    recomputed = TextLabelPolicy("auto", describer)(labels, result)
+    assert labels[horizontal] == 0 and recomputed[horizontal] == 2  # left became right
+    assert torch.equal(TextLabelPolicy("ignore", None)(labels, result), torch.full_like(labels, IGNORE_INDEX))
+    assert torch.equal(TextLabelPolicy("keep", None)(labels, result), labels)
+    with pytest.raises(ValueError, match="auto_description"):
+        TextLabelPolicy("recompute", None)
+
+
+def test_data_order_is_seeded_sharded_and_resumable() -> None:
+    single = [key for batch in EpochBatchSampler(10, 3, seed=5) for key in batch]
+    assert sorted(i for _, i in single) == list(range(10)) and [i for _, i in single] != list(range(10))
+    assert single == [key for batch in EpochBatchSampler(10, 3, seed=5) for key in batch]
+    resumed = EpochBatchSampler(10, 3, seed=5)
+    resumed.set_epoch(0, start_batch=2)
+    assert list(resumed) == list(EpochBatchSampler(10, 3, seed=5))[2:]
+    shards = [EpochBatchSampler(10, 3, seed=5, rank=r, world_size=2) for r in range(2)]
+    assert shards[0].batches_per_epoch == shards[1].batches_per_epoch == 2
+    seen = [i for s in shards for batch in s for _, i in batch]
+    assert sorted(set(seen)) == list(range(10)) and len(seen) == 10
+    other_epoch = EpochBatchSampler(10, 3, seed=5)
+    other_epoch.set_epoch(1)
+    assert [i for b in other_epoch for _, i in b] != [i for _, i in single]
+
+
+def test_cosine_restart_schedule_follows_the_paper() -> None:
+    train = load_train_config(None, ["train.lr=3e-4", "train.min_lr=1e-4", "train.restart_epochs=10"]).train
+    lrs = [3e-4 * lr_factor(step, train, updates_per_epoch=5, total_steps=200) for step in range(101)]
+    assert lrs[0] == pytest.approx(3e-4) and lrs[50] == pytest.approx(3e-4)  # restart every 10 epochs = 50 steps
+    assert min(lrs) >= 1e-4 and lrs[49] == pytest.approx(1e-4, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["train.lrr=1e-3"], "Unknown configuration key 'train.lrr'; did you mean 'train.lr'"),
+        (["trian.lr=1e-3"], "Unknown configuration key 'trian'"),
+        (["train.lr=fast"], "train.lr must be a number"),
+        (["train.optimizer=sgd"], "train.optimizer must be adamw or adam"),
+        (["augment.hflip=2"], "augment.hflip must be a probability"),
+        (["data.image_size=100"], "data.image_size must be a positive multiple of 32"),
+        (["train.lr"], "section.key=value"),
+    ],
+)
+def test_config_errors_name_the_key(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_train_config(SAMPLE_CONFIG, overrides)
+
+
+def test_config_overrides_and_shipped_configs_load() -> None:
+    config = load_train_config(
+        SAMPLE_CONFIG, ["train.lr=1e-3", "model.overrides.use_text=false", "augment.scale_range=[0.9, 1.2]"]
+    )
+    assert config.train.lr == 1e-3 and config.model.overrides == {"use_text": False}
+    assert config.augment.scale_range == [0.9, 1.2]
+    for path in (ROOT / "configuration" / "train").glob("*.yaml"):
+        load_train_config(path)
+    cpu = load_train_config(ROOT / "configuration" / "train" / "kvasir-seg-cpu.yaml")  # base: kvasir-seg.yaml
+    assert cpu.model.preset == "stpnet-tiny" and cpu.text.definition == "kvasir-seg" and cpu.augment.rot90 == 0.5
+
+
+def test_missing_dataset_column_and_split_are_clear(tiny_dataset: Path, tmp_path: Path) -> None:
+    # the QaTa repository's categories (laterality, ...) are not columns of a Kvasir dataset
+    overrides = tiny_overrides(tiny_dataset, tmp_path / "x", **{"text.definition": "qata-cov19"})
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['laterality'"):
+        run_training(load_train_config(SAMPLE_CONFIG, overrides))
+    overrides = tiny_overrides(tiny_dataset, tmp_path / "y", **{"data.validation_split": "dev"})
+    with pytest.raises(ConfigError, match="not \\['dev'\\]"):
+        run_training(load_train_config(SAMPLE_CONFIG, overrides))
+    overrides = tiny_overrides(tiny_dataset, tmp_path / "z", **{"model.overrides.base_chanels": 8})
+    with pytest.raises(ConfigError, match="unknown STPNetConfig field"):
+        run_training(load_train_config(SAMPLE_CONFIG, overrides))
+
+
+def test_train_cli_reports_config_errors(capsys) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_cli", TRAIN_SCRIPT)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--config", str(SAMPLE_CONFIG), "--set", "train.lrr=1e-3"]) == 2
+    assert "did you mean 'train.lr'" in capsys.readouterr().err
+    assert cli.main(["--config", str(SAMPLE_CONFIG), "--dataset", "./no/such/folder"]) == 2
+    assert "no such folder" in capsys.readouterr().err
