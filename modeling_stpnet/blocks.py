@@ -10,6 +10,11 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def is_tracing() -> bool:
+    """True inside torch.export / the ONNX exporters, which need one graph for every input size."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 class ConvBNReLU(nn.Sequential):
     """Conv (no bias: BatchNorm follows) → BatchNorm → ReLU."""
 
@@ -77,10 +82,68 @@ class SSA(nn.Module):
         self.fuse = nn.Sequential(nn.Conv2d(2 * channels, channels, 1, bias=False), nn.BatchNorm2d(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self._inference_forward(x)
         y = self.reduce(x)
         spatial = y * torch.sigmoid(self.spatial_gate(self.spatial_dw(y)))  # gate: (B, 1, H, W)
         multi_scale = y * self.scale_mix(sum(conv(y) for conv in self.dilated))
         return x + self.fuse(torch.cat([spatial, multi_scale], dim=1))
+
+    def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function, cheaper on CPU, for eval mode (BatchNorm is then a fixed affine map).
+
+        * oneDNN has no fast kernel for dilated depthwise convolutions (3-10x slower than dilation 1): their sum is
+          computed as shifted multiply-adds (their backward is slower that way, so training keeps the convs; so do
+          exporters: three Conv nodes and no branching on the input size);
+        * the fusing 1x1 conv runs on the two branches separately, with BatchNorm folded into it, so neither the
+          gated copy of `y` nor the concatenation is materialised: the spatial gate is one value per pixel and
+          commutes with a 1x1 conv.
+        """
+        y = self.reduce(x)
+        gate = torch.sigmoid(self.spatial_gate(self.spatial_dw(y)))
+        if is_tracing():
+            scales = sum(conv(y) for conv in self.dilated)
+        else:
+            scales = dilated_depthwise_sum(y, self.dilated)
+        multi_scale = self.scale_mix(scales).mul_(y)
+        weight, bias = fold_batchnorm(*self.fuse)
+        c = y.shape[1]
+        out = F.conv2d(y, weight[:, :c]).mul_(gate)
+        return out.add_(F.conv2d(multi_scale, weight[:, c:], bias)).add_(x)
+
+
+def fold_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(weight, bias)` such that `F.conv2d(x, weight, bias)` equals `norm(conv(x))` with `norm` in eval mode."""
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    bias = norm.bias - norm.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv.weight * scale.view(-1, *([1] * (conv.weight.ndim - 1))), bias
+
+
+def dilated_depthwise_sum(x: torch.Tensor, convs: nn.ModuleList) -> torch.Tensor:
+    """`sum(conv(x) for conv in convs)` for depthwise 3x3 convs with padding = dilation, as shifted multiply-adds.
+
+    Each tap adds `weight[:, 0, i, j] * x` shifted by `((i-1)d, (j-1)d)` to the overlapping window of the output
+    (zero padding contributes nothing, so no padded copy is made); the three centre taps share one unshifted
+    product, and taps that fall wholly into the padding (large dilations on small maps) are skipped.
+    `(B, C, H, W) → (B, C, H, W)`.
+    """
+    c, h, w = x.shape[1:]
+    center = sum(conv.weight[:, 0, 1, 1] for conv in convs).view(1, c, 1, 1)
+    bias = sum(conv.bias for conv in convs).view(1, c, 1, 1)
+    out = torch.addcmul(bias, x, center)
+    for conv in convs:
+        d = conv.dilation[0]
+        for i in range(3):
+            for j in range(3):
+                dy, dx = (i - 1) * d, (j - 1) * d
+                if (i == j == 1) or abs(dy) >= h or abs(dx) >= w:
+                    continue
+                target = out[:, :, max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
+                source = x[:, :, max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
+                target.addcmul_(source, conv.weight[:, 0, i, j].view(1, c, 1, 1))
+    return out
 
 
 class FusionBlock(nn.Module):
@@ -102,10 +165,27 @@ class FusionBlock(nn.Module):
         self.branch_b = ConvBNReLU(half, half)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self._inference_forward(x, t)
         z = self.merge(torch.cat([x, t], dim=1))
         z = F.relu(z + self.residual(z))
         a, b = z.chunk(2, dim=1)
         return x + torch.cat([self.branch_a(a), self.branch_b(b)], dim=1)
+
+    def _inference_forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The same function in eval mode with fewer full-resolution passes: BatchNorm folded into the convs, the
+        merging 1x1 conv applied to `x` and `t` separately (no concatenated copy), and the two branches as one
+        conv with 2 groups (no split copies, no concatenation of their outputs)."""
+        (merge_conv, merge_norm, _), (residual_conv, residual_norm) = self.merge, self.residual
+        c = x.shape[1]
+        weight, bias = fold_batchnorm(merge_conv, merge_norm)
+        z = F.conv2d(x, weight[:, :c], bias).add_(F.conv2d(t, weight[:, c:])).relu_()
+        weight, bias = fold_batchnorm(residual_conv, residual_norm)
+        z = F.conv2d(z, weight, bias).add_(z).relu_()
+        (conv_a, norm_a, _), (conv_b, norm_b, _) = self.branch_a, self.branch_b
+        (weight_a, bias_a), (weight_b, bias_b) = fold_batchnorm(conv_a, norm_a), fold_batchnorm(conv_b, norm_b)
+        y = F.conv2d(z, torch.cat([weight_a, weight_b]), torch.cat([bias_a, bias_b]), padding=conv_a.padding, groups=2)
+        return y.relu_().add_(x)
 
 
 class TextSimilarityMap(nn.Module):

@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Where an STPNet forward pass spends its time, against the U-Net of its width, optionally before/after a change.
+
+    python benchmarks/breakdown.py --preset stpnet-paper --variant shared --size 224
+    python benchmarks/breakdown.py --baseline-ref HEAD --json benchmarks/results/optimisation.json --profile
+
+Times every top-level block (stem, down blocks, SSA, retrieval, UTrans, up blocks, fusion blocks, head) with
+forward hooks, CPU fp32, interleaved rounds, medians. `--baseline-ref REF` also loads `modeling_stpnet` as it was at
+git revision REF (extracted to a temporary folder) with the same weights, checks that both give the same logits
+and reports both against the U-Net. `--profile` adds torch.profiler's top operators for the current model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import defaultdict
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    from . import common
+except ImportError:  # run as a script
+    import common  # type: ignore[no-redef]
+
+BLOCKS = (
+    ["stem"]
+    + [f"down_blocks.{i}" for i in range(4)]
+    + [f"ssa.{i}" for i in range(3)]
+    + ["retrieval", "utrans"]
+    + [f"up_blocks.{i}" for i in range(4)]
+    + [f"fusions.{i}" for i in range(4)]
+    + ["head"]
+)
+
+
+def load_baseline_package(ref: str, folder: Path) -> Any:
+    """`modeling_stpnet` at git revision `ref`, imported under the name `stpnet_baseline`."""
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", ref, "modeling_stpnet"], cwd=common.ROOT, check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    (folder / "modeling_stpnet").rename(folder / "stpnet_baseline")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("stpnet_baseline")
+
+
+class BlockTimer:
+    """Wall time of named submodules through forward pre/post hooks (eager CPU runs them one after another)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.times: dict[str, list[float]] = defaultdict(list)
+        self._start: dict[str, float] = {}
+        modules = dict(model.named_modules())
+        for name in names:
+            if name in modules:
+                modules[name].register_forward_pre_hook(self._pre(name))
+                modules[name].register_forward_hook(self._post(name))
+
+    def _pre(self, name: str):
+        def hook(module: nn.Module, args: Any) -> None:
+            self._start[name] = time.perf_counter()
+
+        return hook
+
+    def _post(self, name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self.times[name].append(time.perf_counter() - self._start[name])
+
+        return hook
+
+    def medians_ms(self) -> dict[str, float]:
+        return {n: round(statistics.median(v) * 1e3, 2) for n, v in self.times.items()}
+
+    def clear(self) -> None:
+        self.times.clear()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="stpnet-paper")
+    parser.add_argument("--variant", default="shared", choices=sorted(common.VARIANT_OVERRIDES))
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--baseline-ref", help="git revision whose modeling_stpnet is the 'before' model")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    config = common.variant_config(common.preset_configs([args.preset])[args.preset], args.variant)
+    name = common.variant_name(args.preset, args.variant)
+    (unet_spec,) = [s for s in common.model_specs({args.preset: config}, []) if s[0].startswith("unet")]
+    models: dict[str, nn.Module] = {unet_spec[0]: unet_spec[2]().eval()}
+    torch.manual_seed(0)
+    models[name] = common.STPNetForSemanticSegmentation(config).eval()
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    result: dict[str, Any] = {"machine": common.machine_info(torch.device("cpu")), "command": common.command_line()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.baseline_ref:
+            baseline = load_baseline_package(args.baseline_ref, Path(tmp))
+            before = baseline.STPNetForSemanticSegmentation(baseline.STPNetConfig(**config.to_diff_dict())).eval()
+            before.load_state_dict(models[name].state_dict())
+            models[f"{name} (before: {args.baseline_ref})"] = before
+            with torch.inference_mode():
+                new, old = models[name](x), before(x)
+            result["equivalence"] = {
+                "max_abs_logit_diff": (new.logits - old.logits).abs().max().item(),
+                "max_abs_logit": old.logits.abs().max().item(),
+                "mask_agreement": ((new.logits > 0) == (old.logits > 0)).float().mean().item(),
+                "retrieved_indices_equal": bool(torch.equal(new.retrieved_indices, old.retrieved_indices)),
+            }
+        timers = {n: BlockTimer(m, BLOCKS) for n, m in models.items()}
+        totals: dict[str, list[float]] = {n: [] for n in models}
+        names = list(models)
+        with torch.inference_mode():
+            for m in models.values():
+                m(x)
+            for t in timers.values():
+                t.clear()
+            for r in range(args.rounds):
+                for n in names[r % len(names) :] + names[: r % len(names)]:
+                    t0 = time.perf_counter()
+                    models[n](x)
+                    totals[n].append(time.perf_counter() - t0)
+        ref = unet_spec[0]
+        rows = []
+        for n in names:
+            rows.append(
+                {
+                    "model": n,
+                    "image_size": args.size,
+                    "batch_size": args.batch,
+                    "latency_ms": round(statistics.median(totals[n]) * 1e3, 2),
+                    "ratio_to_unet": round(statistics.median(a / b for a, b in zip(totals[n], totals[ref])), 3),
+                    "unet_reference": ref,
+                    "blocks_ms": timers[n].medians_ms(),
+                }
+            )
+        result["rows"] = rows
+
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(3):
+                    models[name](x)
+            table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20)
+            print(table)
+    result["machine"]["load_average_1_5_15_min_at_end"] = common.load_average()
+
+    print(f"{'block':<16}" + "".join(f"{n[:34]:>36}" for n in names))
+    for block in BLOCKS:
+        values = [r["blocks_ms"].get(block) for r in rows]
+        if any(v is not None for v in values):
+            print(f"{block:<16}" + "".join(f"{'-' if v is None else f'{v:.1f} ms':>36}" for v in values))
+    for r in rows:
+        print(f"{r['model']:<40} {r['latency_ms']:>9.1f} ms  x{r['ratio_to_unet']:.2f} vs {ref}")
+    if "equivalence" in result:
+        print(f"before/after equivalence: {result['equivalence']}")
+    print(
+        f"load averages: start {result['machine']['load_average_1_5_15_min_at_start']}, "
+        f"end {result['machine']['load_average_1_5_15_min_at_end']}"
+    )
+    if args.json:
+        common.write_results(args.json, result)
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

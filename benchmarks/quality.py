@@ -1,0 +1,304 @@
+#!/usr/bin/env python
+"""Segmentation quality of STPNet, its ablations and a U-Net of the same width, trained identically in one run.
+
+    python benchmarks/quality.py --smoke                       # bundled sample, 3 steps per row (< 2 min; the test)
+    python benchmarks/quality.py                               # small settings: both datasets, ~1 h on 2 CPU cores
+    python benchmarks/quality.py --settings full --seeds 0 1 2 --datasets kvasir-seg
+
+Rows (per dataset): `unet` (base 64; `unet-c32`/`unet-c16` for narrower presets: the U-Net has the preset's
+width), `stpnet-<preset>` (its own retrieval backbone), `stpnet-<preset>-shared`, `stpnet-<preset>-no-text`
+(use_text=False) and `stpnet-<preset>-no-ssa` (use_ssa=False). Every row uses the same training config (data,
+split, seed, steps, augmentation, image size; `configuration/train/<dataset>-cpu.yaml` plus the settings below)
+through `modeling_stpnet.training.run_training`; only the model differs. The protocol is the config's: Kvasir-SEG
+selects on a validation split carved from the official 880 training images and reports the official 120; QaTa-COV19
+selects on a carve of its training split and reports the official valid split. Dice/IoU are per-image means on
+the reported split (original mask resolution), given as mean ± std over seeds, with the per-image std alongside;
+STPNet rows add retrieval accuracy per text category. Results: `benchmarks/results/<name>.json`, rewritten after
+every finished run (so a long background run shows its progress), and run folders under --runs-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    from . import common
+except ImportError:  # run as a script
+    import common  # type: ignore[no-redef]
+
+VARIANTS = ["unet", "default", "shared", "no-text", "no-ssa"]
+DATASET_CONFIGS = {
+    "kvasir-seg": common.ROOT / "configuration" / "train" / "kvasir-seg-cpu.yaml",
+    "qata-cov19": common.ROOT / "configuration" / "train" / "qata-cov19-cpu.yaml",
+    "sample": common.ROOT / "configuration" / "train" / "sample-tiny.yaml",
+}
+# Overrides per settings level, on top of the dataset's training config (all rows alike).
+SETTINGS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "data.image_size": 64,
+        "train.batch_size": 4,
+        "train.max_steps": 3,
+        "train.warmup_steps": 0,
+        "train.eval_every_steps": 3,
+        "train.checkpoint_every_steps": 0,
+        "train.progress": False,
+        "train.tensorboard": False,
+    },
+    "small": {
+        "data.image_size": 128,
+        "train.batch_size": 8,
+        "train.max_steps": 150,
+        "train.warmup_steps": 15,
+        "train.eval_every_steps": 50,
+        "train.early_stopping_patience": 0,
+        "train.checkpoint_every_steps": 0,
+        "train.progress": False,
+        "train.tensorboard": False,
+    },
+    "full": {"train.progress": False, "train.tensorboard": False},  # the dataset configs as they are
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", choices=sorted(SETTINGS), default="small")
+    parser.add_argument("--smoke", action="store_true", help="= --settings smoke --datasets sample --seeds 0")
+    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASET_CONFIGS))
+    parser.add_argument("--preset", default="stpnet-tiny", help="STPNet preset under test")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--seeds", nargs="+", type=int, help="default 0 1 (smoke: 0)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra key=value for every row")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument("--runs-dir", default=str(common.ROOT / "outputs" / "quality"), help="training run folders")
+    parser.add_argument("--output-dir", default=str(common.RESULTS_DIR))
+    parser.add_argument("--name", help="results file stem (default quality-<settings>)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.settings = "smoke"
+        args.datasets = args.datasets or ["sample"]
+        args.seeds = args.seeds or [0]
+    args.datasets = args.datasets or ["kvasir-seg", "qata-cov19"]
+    args.seeds = args.seeds or [0, 1]
+    args.name = args.name or f"quality-{args.settings}"
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------- models
+@cache
+def encoded_repository(definition: str, encoder: str, max_length: int, layers: int | None) -> tuple[torch.Tensor, ...]:
+    """The text repository's embeddings, encoded once per benchmark instead of once per row."""
+    from modeling_stpnet.training import load_repository, load_train_config
+
+    config = load_train_config(overrides={"text.definition": definition})
+    return tuple(load_repository(config).encode(encoder, max_length=max_length, num_hidden_layers=layers))
+
+
+def model_factory(variant: str, base_channels: int, built: dict[str, int]):
+    """`run_training`'s model_factory for one row (the config's `model.overrides` already hold the variant);
+    records the parameter count in `built`."""
+
+    def build(config, repository) -> torch.nn.Module:
+        model = _build(config, repository)
+        built["params"] = sum(p.numel() for p in model.parameters())
+        return model
+
+    def _build(config, repository) -> torch.nn.Module:
+        if variant == "unet":
+            return common.UNetForSemanticSegmentation(
+                common.UNetConfig(base_channels=base_channels, image_size=config.data.image_size)
+            )
+        from modeling_stpnet.training import build_model_config
+        from modeling_stpnet.training.model import load_pretrained_retrieval_backbone
+
+        model_config = build_model_config(config, repository)
+        model = common.STPNetForSemanticSegmentation(model_config)
+        if model.use_text:
+            t = config.text
+            model.set_text_embeddings(
+                list(encoded_repository(t.definition, t.encoder, model_config.text_max_length, t.num_hidden_layers)),
+                t.encoder,
+            )
+        if (
+            model.use_text
+            and model_config.retrieval_backbone != "shared"
+            and model_config.retrieval_backbone_pretrained
+        ):
+            load_pretrained_retrieval_backbone(model, model_config.retrieval_backbone_pretrained)
+        return model
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+def per_image_std(run_dir: Path) -> dict[str, float | None]:
+    """Std over images of Dice and IoU, from the per-image CSV the evaluation writes."""
+    path = run_dir / "test" / "per_image.csv"
+    if not path.is_file():
+        return {"dice": None, "iou": None}
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    out = {}
+    for key in ("dice", "iou"):
+        values = [float(r[key]) for r in rows]
+        out[key] = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def train_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, base_channels: int) -> dict[str, Any]:
+    from modeling_stpnet.training import load_train_config, run_training
+
+    name = common.unet_name(base_channels) if variant == "unet" else common.variant_name(args.preset, variant)
+    run_dir = Path(args.runs_dir) / args.settings / dataset / f"{name}-seed{seed}"
+    overrides: dict[str, Any] = {
+        **SETTINGS[args.settings],
+        "model.preset": args.preset,
+        "model.overrides": {} if variant == "unet" else dict(common.VARIANT_OVERRIDES[variant]),
+        "train.seed": seed,
+        "output_dir": str(run_dir),
+    }
+    config = load_train_config(DATASET_CONFIGS[dataset], overrides)
+    if args.overrides:
+        from modeling_stpnet.training import apply_overrides, config_from_dict
+
+        config = config_from_dict(apply_overrides(config.to_dict(), args.overrides))
+    started = time.time()
+    built: dict[str, int] = {}
+    result = run_training(config, model_factory=model_factory(variant, base_channels, built))
+    metrics = result["test_metrics"] or {}
+    return {
+        "model": name,
+        "variant": variant,
+        "seed": seed,
+        "dice": metrics.get("dice"),
+        "iou": metrics.get("iou"),
+        "micro_dice": metrics.get("micro_dice"),
+        "input_resolution_dice": (metrics.get("input_resolution") or {}).get("dice"),
+        "num_images": metrics.get("num_images"),
+        "per_image_std": per_image_std(run_dir),
+        "retrieval_accuracy": metrics.get("retrieval_accuracy"),
+        "best_val_dice": result["best_val_dice"],
+        "best_step": result["best_step"],
+        "steps": result["steps"],
+        "wall_time_s": round(time.time() - started, 1),
+        "run_dir": str(run_dir),
+        "reported_split": config.data.test_split,
+        "image_size": config.data.image_size,
+        "params": built.get("params"),
+    }
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(runs: list[dict[str, Any]], dataset: str, params: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per model: mean ± std over seeds; per-image std averaged over seeds; retrieval accuracy means."""
+    rows = []
+    for name in dict.fromkeys(r["model"] for r in runs):
+        mine = [r for r in runs if r["model"] == name]
+        dice, dice_std = _mean_std([r["dice"] for r in mine])
+        iou, iou_std = _mean_std([r["iou"] for r in mine])
+        row: dict[str, Any] = {
+            "model": name,
+            "dataset": dataset,
+            "split": mine[0]["reported_split"],
+            "dice": dice,
+            "dice_std_over_seeds": dice_std,
+            "iou": iou,
+            "iou_std_over_seeds": iou_std,
+            "dice_std_over_images": _mean_std([r["per_image_std"]["dice"] for r in mine])[0],
+            "iou_std_over_images": _mean_std([r["per_image_std"]["iou"] for r in mine])[0],
+            "micro_dice": _mean_std([r["micro_dice"] for r in mine])[0],
+            "seeds": [r["seed"] for r in mine],
+            "num_images": mine[0]["num_images"],
+            "image_size": mine[0]["image_size"],
+            "params": params.get(name),
+            "per_seed": mine,
+        }
+        accuracies = [r["retrieval_accuracy"] for r in mine if r["retrieval_accuracy"]]
+        if accuracies:
+            row["retrieval_accuracy"] = {
+                c: _mean_std([a.get(c) for a in accuracies])[0] for c in accuracies[0]
+            }  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = common.preset_configs([args.preset])[args.preset]
+    width = preset.base_channels
+    payload: dict[str, Any] = {
+        "machine": common.machine_info(torch.device("cpu")),
+        "command": common.command_line(),
+        "settings": {
+            "level": args.settings,
+            "preset": args.preset,
+            "seeds": args.seeds,
+            "overrides": {**SETTINGS[args.settings], "extra": args.overrides},
+            "train_configs": {d: str(DATASET_CONFIGS[d].relative_to(common.ROOT)) for d in args.datasets},
+        },
+        "notes": {
+            "dice/iou": "per-image means on the reported split at original resolution; mean over seeds "
+            "(std over seeds beside it; per-image std averaged over seeds)",
+            "unet": f"U-Net of the preset's width ({common.unet_name(width)}: base {width})",
+            "model names": "stpnet-<preset> uses the preset's own retrieval backbone; -shared the encoder's features",
+        },
+        "status": "running",
+        "rows": [],
+    }
+    out = Path(args.output_dir) / f"{args.name}.json"
+    runs: dict[str, list[dict[str, Any]]] = {d: [] for d in args.datasets}
+    params: dict[str, int] = {}
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            for variant in args.variants:
+                print(f"[quality] {dataset} seed {seed}: {variant}", flush=True)
+                run = train_one(args, dataset, variant, seed, width)
+                runs[dataset].append(run)
+                params[run["model"]] = run.pop("params")
+                payload["rows"] = [row for d in args.datasets for row in aggregate(runs[d], d, params) if runs[d]]
+                payload["machine"]["load_average_1_5_15_min_now"] = common.load_average()
+                common.write_results(out, payload)
+    payload["status"] = "complete"
+    common.write_results(out, payload)
+    print_table(payload)
+    print(f"wrote {out}")
+    return payload
+
+
+def print_table(payload: dict[str, Any]) -> None:
+    columns = [
+        ("model", "model", ""),
+        ("dataset", "dataset", ""),
+        ("split", "split", ""),
+        ("dice", "Dice", ".4f"),
+        ("dice_std_over_seeds", "± seeds", ".4f"),
+        ("iou", "IoU", ".4f"),
+        ("iou_std_over_seeds", "± seeds", ".4f"),
+        ("dice_std_over_images", "std img", ".3f"),
+        ("num_images", "images", "d"),
+    ]
+    print(common.format_table(payload["rows"], columns))
+    for row in payload["rows"]:
+        if row.get("retrieval_accuracy"):
+            acc = ", ".join(f"{c} {v:.3f}" for c, v in row["retrieval_accuracy"].items() if v is not None)
+            print(f"  {row['model']} on {row['dataset']}: retrieval accuracy {acc}")
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,372 @@
+#!/usr/bin/env python
+"""Speed and memory of every STPNet preset (own and "shared" retrieval backbone) against a U-Net of the same width.
+
+    python benchmarks/speed.py                                  # 224 + 352 px, batch 1 + 16, train step, all presets
+    python benchmarks/speed.py --presets stpnet-paper --sizes 224
+    python benchmarks/speed.py --small                          # CI-style: 224 px, batch 1 + 4, fewer repeats
+
+Per setting (image size x batch) all models run in one process, interleaved: every round times each model once,
+in a rotated order, so load from other processes hits all rows alike. Reported: median latency per forward pass,
+throughput, `ratio_to_unet` = median over rounds of (model time / same-round time of the U-Net of the model's own
+width: `unet` = base 64 for stpnet-paper, `unet-c32` for stpnet-small, `unet-c16` for stpnet-tiny), parameters,
+GMACs per image (torch.utils.flop_counter), peak memory (`common.PeakMemory`, after the timing) and the training step
+(forward + backward + AdamW, Dice+BCE, plus the retrieval losses for STPNet). On CUDA the inference rows are also
+run in bf16 and bf16 + torch.compile. Writes `benchmarks/results/<name>.json` and `<name>.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    from . import common
+except ImportError:  # run as a script
+    import common  # type: ignore[no-redef]
+
+from modeling_stpnet.summary import count_gmacs, count_parameters  # noqa: E402  (common puts the repo on sys.path)
+
+MIN_TIMED_SECONDS = 0.05  # fast models repeat their forward pass within one timing to get above timer noise
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="*", help="preset names (default: all in configuration/models)")
+    parser.add_argument("--presets-dir", default=str(common.DEFAULT_PRESETS_DIR))
+    parser.add_argument("--no-shared", action="store_true", help="skip the shared-backbone variants")
+    parser.add_argument("--sizes", nargs="+", type=int, help="image sizes (default 224 352; --small: 224)")
+    parser.add_argument("--latency-batch", type=int, default=1)
+    parser.add_argument("--throughput-batch", type=int, help="default 16 (--small: 4); 0 skips")
+    parser.add_argument("--repeats", type=int, help="timed rounds at the latency batch (default 7; --small: 3)")
+    parser.add_argument("--throughput-repeats", type=int, help="timed rounds at the throughput batch (default 2)")
+    parser.add_argument("--train-batch", type=int, default=2, help="training step batch; 0 skips the training rows")
+    parser.add_argument("--train-size", type=int, help="training step image size (default: the first size)")
+    parser.add_argument("--train-repeats", type=int, help="timed training steps per model (default 3; --small: 2)")
+    parser.add_argument("--small", action="store_true", help="quick CI-style settings")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--name", help="results file stem (default speed or speed-small)")
+    parser.add_argument("--output-dir", default=str(common.RESULTS_DIR))
+    parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument(
+        "--memory-all", action="store_true", help="also measure memory at the throughput batch (one more call each)"
+    )
+    args = parser.parse_args(argv)
+    small = args.small
+    args.sizes = args.sizes or ([224] if small else [224, 352])
+    args.throughput_batch = args.throughput_batch if args.throughput_batch is not None else (4 if small else 16)
+    args.repeats = args.repeats or (3 if small else 7)
+    args.throughput_repeats = args.throughput_repeats or 2
+    args.train_repeats = args.train_repeats or (2 if small else 3)
+    args.train_size = args.train_size or args.sizes[0]
+    args.name = args.name or ("speed-small" if small else "speed")
+    bad = [s for s in [*args.sizes, args.train_size] if s % 32]
+    if bad:
+        parser.error(f"image sizes must be multiples of 32, got {bad}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_times(steps: dict[str, Callable[[], Any]], rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of every step over `rounds` interleaved rounds, after one warm-up call each."""
+    inner = {}
+    for name, step in steps.items():
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        warm = time.perf_counter() - t0
+        inner[name] = max(1, min(20, math.ceil(MIN_TIMED_SECONDS / max(warm, 1e-6))))
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                steps[name]()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) / inner[name])
+    return times
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """Median of same-round ratios: robust to load that changes between rounds."""
+    return statistics.median(t / r for t, r in zip(times, reference))
+
+
+def inference_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    model.eval()  # the training rows leave their models in train mode
+
+    def step() -> Any:
+        with torch.inference_mode():
+            return model(pixel_values=x)
+
+    return step
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> Callable[[], Any]:
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(x.shape[0], *x.shape[-2:], generator=g) > 0.7).float().to(device)
+    kwargs: dict[str, torch.Tensor] = {"labels": labels}
+    if getattr(model.config, "use_text", False):
+        kwargs["text_labels"] = torch.stack(
+            [torch.randint(0, len(s), (x.shape[0],), generator=g) for s in model.config.text_sentences], 1
+        ).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step() -> Any:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(pixel_values=x, **kwargs).loss
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Setting:
+    mode: str  # "inference" or "train"
+    dtype: str
+    compiled: bool
+    size: int
+    batch: int
+    rounds: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.mode}|{self.dtype}|{int(self.compiled)}|{self.size}|{self.batch}"
+
+    def label(self) -> str:
+        extra = " compiled" if self.compiled else ""
+        return f"{self.mode} {self.size}px batch {self.batch} {self.dtype}{extra}"
+
+
+def all_settings(args: argparse.Namespace, device: torch.device) -> list[Setting]:
+    variants = [("fp32", False)] + ([("bf16", False), ("bf16", True)] if device.type == "cuda" else [])
+    out = []
+    for dtype, compiled in variants:
+        out += [Setting("inference", dtype, compiled, s, args.latency_batch, args.repeats) for s in args.sizes]
+        if args.throughput_batch:
+            out += [
+                Setting("inference", dtype, compiled, s, args.throughput_batch, args.throughput_repeats)
+                for s in args.sizes
+            ]
+    if args.train_batch:
+        out.append(Setting("train", "fp32", False, args.train_size, args.train_batch, args.train_repeats))
+    return out
+
+
+class ModelSet:
+    """The models of one run, plus lazily made bf16 / compiled copies of them (CUDA only)."""
+
+    def __init__(self, builds: dict[str, Callable[[], torch.nn.Module]], device: torch.device) -> None:
+        self.device = device
+        self.fp32 = {name: build().eval().to(device) for name, build in builds.items()}
+        self._variants: dict[tuple[str, bool], dict[str, torch.nn.Module]] = {("fp32", False): self.fp32}
+
+    def get(self, dtype: str, compiled: bool) -> dict[str, torch.nn.Module]:
+        if (dtype, compiled) not in self._variants:
+            base = {n: copy.deepcopy(m).to(torch.bfloat16) if dtype == "bf16" else m for n, m in self.fp32.items()}
+            self._variants[dtype, compiled] = {n: torch.compile(m) for n, m in base.items()} if compiled else base
+        return self._variants[dtype, compiled]
+
+    def steps(self, setting: Setting) -> dict[str, Callable[[], Any]]:
+        dtype = torch.bfloat16 if setting.dtype == "bf16" else torch.float32
+        seed = torch.Generator().manual_seed(setting.size * 1000 + setting.batch)
+        x = torch.randn(setting.batch, 3, setting.size, setting.size, generator=seed).to(self.device, dtype)
+        if setting.mode == "train":
+            return {n: train_step(m, x, self.device) for n, m in self.fp32.items()}
+        return {n: inference_step(m, x) for n, m in self.get(setting.dtype, setting.compiled).items()}
+
+
+def measure_memory(models: ModelSet, settings: list[Setting], device: torch.device) -> tuple[str, dict[str, float]]:
+    """Peak extra memory of one steady-state call per model and setting (training: after a first step, so AdamW's
+    state already exists). Runs after all timing: pinning glibc's mmap threshold, which a truthful high-water mark
+    needs, makes every large tensor page-fault anew and would slow the timed calls down."""
+    memory = common.PeakMemory(device)
+    peaks = {}
+    for setting in settings:
+        for name, step in models.steps(setting).items():
+            if setting.mode == "train":
+                step()
+            memory.start()
+            step()
+            peaks[f"{setting.key}|{name}"] = memory.stop()
+    memory.close()
+    return memory.method, peaks
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    presets = common.preset_configs(args.presets, args.presets_dir)
+    specs = common.model_specs(presets, ["default"] if args.no_shared else ["default", "shared"])
+    builds = {name: build for name, _, build in specs}
+    reference = {name: ref for name, ref, _ in specs}
+    machine = common.machine_info(device)
+    load_samples = [common.load_average()]
+
+    print(f"building {len(specs)} models: {', '.join(builds)}", flush=True)
+    models = ModelSet(builds, device)
+    static, gmacs = {}, {}
+    for name, model in models.fp32.items():
+        cpu_model = model if device.type == "cpu" else copy.deepcopy(model).cpu()
+        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        static[name] = {
+            "params": count_parameters(model),
+            "weights_mb": round(weights / 2**20, 1),
+            **common.describe_model(model),
+        }
+        for size in sorted({*args.sizes, args.train_size}):
+            gmacs[name, size] = count_gmacs(cpu_model, size)
+
+    rows: list[dict[str, Any]] = []
+    settings = all_settings(args, device)
+    for setting in settings:
+        print(f"{setting.label()}: {setting.rounds} rounds", flush=True)
+        times = interleaved_times(models.steps(setting), setting.rounds, device)
+        load_samples.append(common.load_average())
+        for name, t in times.items():
+            median = statistics.median(t)
+            row = {
+                "model": name,
+                "mode": setting.mode,
+                "dtype": setting.dtype,
+                "compiled": setting.compiled,
+                "image_size": setting.size,
+                "batch_size": setting.batch,
+                "latency_ms": round(median * 1e3, 2),
+                "latency_ms_min": round(min(t) * 1e3, 2),
+                "ratio_to_unet": round(paired_ratio(t, times[reference[name]]), 3),
+                "unet_reference": reference[name],
+                "gmacs": round(gmacs[name, setting.size], 3),
+                "peak_memory_mb": None,
+                "rounds": setting.rounds,
+                **static[name],
+            }
+            if setting.mode == "inference":
+                row["throughput_img_s"] = round(setting.batch / median, 2)
+            else:
+                row["step_ms"] = row["latency_ms"]
+            rows.append(row)
+
+    measured = [t for t in settings if args.memory_all or t.mode == "train" or t.batch == args.latency_batch]
+    method, peaks = ("skipped (--no-memory)", {}) if args.no_memory else measure_memory(models, measured, device)
+    for row in rows:
+        key = f"{row['mode']}|{row['dtype']}|{int(row['compiled'])}|{row['image_size']}|{row['batch_size']}"
+        peak = peaks.get(f"{key}|{row['model']}")
+        row["peak_memory_mb"] = None if peak is None else round(peak, 1)
+
+    machine["load_average_samples"] = load_samples
+    machine["load_average_1_5_15_min_at_end"] = common.load_average()
+    return {
+        "machine": machine,
+        "command": common.command_line(),
+        "notes": {
+            "ratio_to_unet": "median over interleaved rounds of (model time / same-round time of the U-Net named in "
+            "unet_reference: unet = base 64 for stpnet-paper, unet-c32 for stpnet-small, unet-c16 for stpnet-tiny)",
+            "latency_ms": "median wall time of one forward pass of the whole batch (train rows: one optimiser step: "
+            "forward, Dice+BCE (+ retrieval focal losses for STPNet), backward, AdamW)",
+            "gmacs": "multiply-accumulates per image of one eval forward pass (torch.utils.flop_counter / 2)",
+            "peak_memory_mb": "peak memory of one steady-state call above what was resident before it (weights_mb, "
+            "and for train rows the AdamW state, 2 x weights): activations, workspace, gradients; measured at the "
+            "latency batch and for the training step (--memory-all: every row). Method: " + method,
+            "models": "random weights; STPNet text embeddings are the built-in placeholders (same cost as encoded)",
+            "load": "load averages sampled after each setting; the machine is shared, so compare ratios, not ms",
+        },
+        "rows": rows,
+    }
+
+
+def print_table(payload: dict[str, Any]) -> None:
+    columns = [
+        ("model", "model", ""),
+        ("mode", "mode", ""),
+        ("dtype", "dtype", ""),
+        ("image_size", "px", "d"),
+        ("batch_size", "batch", "d"),
+        ("latency_ms", "ms", ".1f"),
+        ("throughput_img_s", "img/s", ".2f"),
+        ("ratio_to_unet", "x unet", ".2f"),
+        ("unet_reference", "vs", ""),
+        ("params", "params", ",d"),
+        ("gmacs", "GMACs", ".2f"),
+        ("peak_memory_mb", "peak MiB", ".0f"),
+    ]
+    print(common.format_table(payload["rows"], columns))
+    m = payload["machine"]
+    print(
+        f"machine: {m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads; load averages (1/5/15 min) "
+        f"at start {m['load_average_1_5_15_min_at_start']}, at end {m['load_average_1_5_15_min_at_end']}"
+    )
+
+
+def plot(payload: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart")
+        return None
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in payload["rows"]:
+        key = f"{r['mode']} {r['image_size']}px b{r['batch_size']} {r['dtype']}{' compiled' if r['compiled'] else ''}"
+        groups.setdefault(key, []).append(r)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 0.35 * max(map(len, groups.values())) + 1.5))
+    axes = [axes] if len(groups) == 1 else list(axes)
+    for ax, (key, rows) in zip(axes, groups.items()):
+        names = [r["model"] for r in rows]
+        ratios = [r["ratio_to_unet"] for r in rows]
+        colours = ["#888888" if n.startswith("unet") else "#1f77b4" if "shared" in n else "#d62728" for n in names]
+        ax.barh(names, ratios, color=colours)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.axvline(1.5, color="black", linewidth=0.8, linestyle="--")
+        for i, r in enumerate(rows):
+            ax.text(r["ratio_to_unet"], i, f" {r['latency_ms']:.0f} ms", va="center", fontsize=7)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("time / U-Net of the same width")
+        ax.invert_yaxis()
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.suptitle(f"STPNet vs U-Net, {payload['machine']['cpu']} ({payload['machine']['device']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    payload = run(args)
+    out = Path(args.output_dir)
+    json_path = common.write_results(out / f"{args.name}.json", payload)
+    print_table(payload)
+    print(f"wrote {json_path}")
+    if not args.no_chart and (chart := plot(payload, out / f"{args.name}.png")):
+        print(f"wrote {chart}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Export a trained STPNet (or U-Net baseline) checkpoint to ONNX and check it against PyTorch with onnxruntime.
+
+    python hub_scripts/export_onnx.py --model outputs/sample-tiny/best --output stpnet.onnx
+    python hub_scripts/export_onnx.py --model DIR --output model.onnx --image-size 352 --dynamic
+
+Inputs: `pixel_values` (B, 3, H, W), normalised as `STPNetImageProcessor` does (H, W multiples of 32).
+Outputs: `logits` (B, 1, H, W); for STPNet also `retrieval_logits_<category>` (B, n_k) per text category and
+`retrieved_indices` (B, K) int64. The config (categories, sentences, image size) is stored in the ONNX metadata
+under `stpnet_config`, so the retrieved indices can be turned into sentences without this package.
+
+Exporter: torch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`, the default) first; if it fails the
+TorchScript exporter (`dynamo=False`). Verification runs both on a sample (a processed image with --image, else
+a fixed random tensor) and prints the max abs logit difference and the mask agreement (sigmoid > 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from modeling_stpnet import STPNetForSemanticSegmentation, STPNetImageProcessor  # noqa: E402
+from modeling_stpnet.unet import UNetForSemanticSegmentation  # noqa: E402
+
+DEFAULT_OPSET = 18
+
+
+class ExportWrapper(nn.Module):
+    """Plain tensors out (ONNX has no dataclasses): logits, then per-category retrieval logits and the indices."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(pixel_values=pixel_values)
+        if out.retrieval_logits is None:
+            return (out.logits,)
+        return (out.logits, *out.retrieval_logits, out.retrieved_indices)
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """STPNet or the U-Net baseline from a `save_pretrained` folder, picked by the config's model_type."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    cls = UNetForSemanticSegmentation if config.get("model_type") == "stpnet-unet" else STPNetForSemanticSegmentation
+    return cls.from_pretrained(str(path)).eval()
+
+
+def output_names(model: nn.Module) -> list[str]:
+    if not getattr(model.config, "use_text", False):
+        return ["logits"]
+    return ["logits", *(f"retrieval_logits_{c}" for c in model.config.text_categories), "retrieved_indices"]
+
+
+def _dynamo_shapes() -> dict[str, Any]:
+    # The model checks that H and W are multiples of 32, so the symbolic sizes are declared as 32 * n.
+    dim = torch.export.Dim
+    return {"pixel_values": {0: dim("batch", min=1, max=1024), 2: 32 * dim("h32", min=1, max=128),
+                             3: 32 * dim("w32", min=1, max=128)}}  # fmt: skip
+
+
+def export(
+    model: nn.Module,
+    output: str | Path,
+    image_size: int,
+    dynamic: bool = False,
+    exporter: str = "auto",
+    opset: int = DEFAULT_OPSET,
+) -> str:
+    """Write the ONNX file; returns the exporter that worked ("dynamo" or "torchscript")."""
+    wrapper = ExportWrapper(model).eval()
+    sample = torch.zeros(1, 3, image_size, image_size)
+    names = output_names(model)
+    errors = []
+    for kind in ["dynamo", "torchscript"] if exporter == "auto" else [exporter]:
+        try:
+            if kind == "dynamo":
+                program = torch.onnx.export(
+                    wrapper,
+                    (sample,),
+                    dynamo=True,
+                    input_names=["pixel_values"],
+                    output_names=names,
+                    opset_version=opset,
+                    dynamic_shapes=_dynamo_shapes() if dynamic else None,
+                    external_data=False,
+                    verbose=False,
+                )
+                program.save(str(output))
+            else:
+                axes = {"pixel_values": {0: "batch", 2: "height", 3: "width"}} if dynamic else None
+                if axes:
+                    axes.update({n: {0: "batch"} for n in names})
+                    axes["logits"] = {0: "batch", 2: "height", 3: "width"}
+                torch.onnx.export(
+                    wrapper,
+                    (sample,),
+                    str(output),
+                    dynamo=False,
+                    input_names=["pixel_values"],
+                    output_names=names,
+                    opset_version=min(opset, 17),
+                    dynamic_axes=axes,
+                    do_constant_folding=True,
+                )
+            add_metadata(output, model, kind)
+            return kind
+        except Exception as error:  # noqa: BLE001 - any exporter failure means: try the next one
+            errors.append(f"{kind}: {type(error).__name__}: {error}")
+            print(f"{kind} exporter failed: {type(error).__name__}: {str(error)[:500]}", file=sys.stderr)
+            if exporter != "auto":
+                traceback.print_exc()
+    raise RuntimeError("ONNX export failed:\n" + "\n".join(errors))
+
+
+def add_metadata(path: str | Path, model: nn.Module, exporter: str) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    for key, value in {
+        "stpnet_config": model.config.to_json_string(use_diff=False),
+        "exporter": exporter,
+        "torch_version": torch.__version__,
+    }.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+def verify(model: nn.Module, path: str | Path, pixel_values: torch.Tensor) -> dict[str, Any]:
+    """Run PyTorch and onnxruntime on the same input and compare every output."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        expected = [t.numpy() for t in ExportWrapper(model)(pixel_values)]
+    got = session.run(None, {"pixel_values": pixel_values.numpy()})
+    logits, ort_logits = expected[0], got[0]
+    report: dict[str, Any] = {
+        "input_shape": list(pixel_values.shape),
+        "max_abs_logit_diff": float(np.abs(logits - ort_logits).max()),
+        "max_abs_logit": float(np.abs(logits).max()),
+        "mask_agreement": float(((logits > 0) == (ort_logits > 0)).mean()),
+        "masks_equal": bool(((logits > 0) == (ort_logits > 0)).all()),
+    }
+    if len(expected) > 1:
+        report["max_abs_retrieval_logit_diff"] = max(
+            float(np.abs(a - b).max()) for a, b in zip(expected[1:-1], got[1:-1])
+        )
+        report["retrieved_indices_equal"] = bool(np.array_equal(expected[-1], got[-1]))
+    return report
+
+
+def agrees(report: dict[str, Any], tolerance: float) -> bool:
+    """Float32 kernels differ in summation order, so the logit tolerance scales with the logits' magnitude
+    (random-weight checkpoints reach hundreds); retrieved entries must match exactly."""
+    close = report["max_abs_logit_diff"] <= tolerance * max(1.0, report["max_abs_logit"])
+    return close and report.get("retrieved_indices_equal", True)
+
+
+def sample_input(model: nn.Module, image_size: int, image: str | None, batch: int = 1) -> torch.Tensor:
+    if image:
+        from PIL import Image
+
+        processor = STPNetImageProcessor(size={"height": image_size, "width": image_size})
+        return processor([Image.open(image)] * batch)["pixel_values"]
+    return torch.randn(
+        batch, model.config.num_channels, image_size, image_size, generator=torch.Generator().manual_seed(0)
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained) of STPNet or the U-Net")
+    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--image-size", type=int, help="export (and check) resolution; default: the config's")
+    parser.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
+    parser.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--image", help="an image file to check on (default: a fixed random tensor)")
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-4, help="accepted max abs logit difference, relative to max(1, |logits|)"
+    )
+    args = parser.parse_args(argv)
+
+    model = load_model(args.model)
+    size = args.image_size or model.config.image_size
+    if size % 32:
+        parser.error(f"--image-size must be a multiple of 32, got {size}")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    kind = export(model, output, size, args.dynamic, args.exporter, args.opset)
+    print(f"exported {output} ({output.stat().st_size / 2**20:.1f} MiB) with the {kind} exporter "
+          f"in {time.perf_counter() - started:.1f} s")  # fmt: skip
+
+    checks = [sample_input(model, size, args.image)]
+    if args.dynamic:  # another batch and size than the export sample
+        checks.append(sample_input(model, size + 32, args.image, batch=2))
+    reports = [verify(model, output, x) for x in checks]
+    for r in reports:
+        print(
+            f"onnxruntime vs PyTorch on {r['input_shape']}: max abs logit diff {r['max_abs_logit_diff']:.3g} "
+            f"(logits up to {r['max_abs_logit']:.3g}), mask agreement {r['mask_agreement']:.6f}"
+            + (f", retrieved indices equal: {r['retrieved_indices_equal']}" if "retrieved_indices_equal" in r else "")
+        )
+    if not all(agrees(r, args.tolerance) for r in reports):
+        raise SystemExit(f"onnxruntime disagrees with PyTorch (tolerance {args.tolerance} x max(1, max |logit|))")
+    return {"exporter": kind, "output": str(output), "checks": reports}
+
+
+if __name__ == "__main__":
+    main()

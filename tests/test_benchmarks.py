@@ -1,0 +1,134 @@
+"""The benchmarks run end to end on tiny settings and write results in the agreed shape (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import breakdown, common, quality, speed
+
+REQUIRED_SPEED_KEYS = {"model", "latency_ms", "ratio_to_unet", "params", "gmacs", "unet_reference", "peak_memory_mb"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on shared 2-core machines, 2 threads stall on every op while another job runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_model_names_and_unet_references() -> None:
+    presets = common.preset_configs(None)
+    specs = common.model_specs(presets, ["default", "shared"])
+    names = {name: ref for name, ref, _ in specs}
+    assert names["unet"] == "unet" and names["unet-c32"] == "unet-c32" and names["unet-c16"] == "unet-c16"
+    assert names["stpnet-paper"] == names["stpnet-paper-shared"] == "unet"
+    assert names["stpnet-small-shared"] == "unet-c32" and names["stpnet-tiny"] == "unet-c16"
+    assert common.variant_name("stpnet-tiny", "no-text") == "stpnet-tiny-no-text"
+
+
+def test_speed_writes_rows_with_ratios(tmp_path: Path) -> None:
+    argv = [
+        "--small", "--presets", "stpnet-tiny", "--sizes", "64", "--repeats", "2", "--throughput-batch", "2",
+        "--throughput-repeats", "1", "--train-batch", "1", "--train-repeats", "1", "--threads", "1",
+        "--memory-all", "--output-dir", str(tmp_path), "--name", "speed-test",
+    ]  # fmt: skip
+    speed.main(argv)
+    payload = json.loads((tmp_path / "speed-test.json").read_text())
+    assert {"machine", "command", "rows"} <= set(payload)
+    assert payload["machine"]["load_average_1_5_15_min_at_start"] is not None
+    rows = payload["rows"]
+    assert {r["model"] for r in rows} == {"unet-c16", "stpnet-tiny", "stpnet-tiny-shared"}
+    assert {(r["mode"], r["batch_size"]) for r in rows} == {("inference", 1), ("inference", 2), ("train", 1)}
+    for row in rows:
+        assert REQUIRED_SPEED_KEYS <= set(row), row
+        assert row["latency_ms"] > 0 and row["ratio_to_unet"] > 0 and row["gmacs"] > 0
+        assert row["peak_memory_mb"] is not None and row["peak_memory_mb"] >= 0
+        if row["model"] == "unet-c16":
+            assert row["ratio_to_unet"] == 1.0
+    assert (tmp_path / "speed-test.png").stat().st_size > 0
+
+
+def test_quality_smoke_writes_all_rows(tmp_path: Path) -> None:
+    quality.main(["--smoke", "--threads", "1", "--runs-dir", str(tmp_path / "runs"), "--output-dir", str(tmp_path)])
+    payload = json.loads((tmp_path / "quality-smoke.json").read_text())
+    assert payload["status"] == "complete"
+    rows = {r["model"]: r for r in payload["rows"]}
+    assert set(rows) == {
+        "unet-c16",
+        "stpnet-tiny",
+        "stpnet-tiny-shared",
+        "stpnet-tiny-no-text",
+        "stpnet-tiny-no-ssa",
+    }
+    for name, row in rows.items():
+        assert {"model", "dataset", "dice", "iou", "split", "seeds"} <= set(row)
+        assert row["dataset"] == "sample" and row["split"] == "test" and row["num_images"] == 8
+        assert 0 <= row["dice"] <= 1 and 0 <= row["iou"] <= row["dice"] + 1e-9
+        has_text = name.startswith("stpnet") and not name.endswith("no-text")
+        assert bool(row.get("retrieval_accuracy")) == has_text, name
+    assert rows["unet-c16"]["params"] < rows["stpnet-tiny-shared"]["params"] < rows["stpnet-tiny"]["params"]
+
+
+def test_breakdown_times_every_block(tmp_path: Path) -> None:
+    out = tmp_path / "breakdown.json"
+    result = breakdown.main(["--preset", "stpnet-tiny", "--size", "64", "--rounds", "1", "--json", str(out)])
+    (unet, stpnet) = result["rows"]
+    assert unet["model"] == "unet-c16" and stpnet["model"] == "stpnet-tiny-shared"
+    assert {"ssa.0", "utrans", "fusions.3", "retrieval"} <= set(stpnet["blocks_ms"])
+    assert json.loads(out.read_text())["rows"][1]["ratio_to_unet"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------- optimisations
+def _randomise_batchnorm(model: torch.nn.Module) -> None:
+    """Non-trivial running statistics, so folding BatchNorm into convolutions is really exercised."""
+    g = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(0.2 * torch.randn(module.num_features, generator=g))
+            module.running_var.copy_(0.5 + 1.5 * torch.rand(module.num_features, generator=g))
+            module.weight.data.copy_(0.5 + torch.rand(module.num_features, generator=g))
+            module.bias.data.copy_(0.1 * torch.randn(module.num_features, generator=g))
+
+
+@pytest.mark.parametrize("backbone", ["shared", "resnet18"])
+def test_inference_fast_paths_compute_the_documented_function(backbone: str) -> None:
+    """SSA, FusionBlock and UTrans run cheaper code in eval mode (see their `_inference_forward`); it must give
+    the numbers of the plain (training-mode) code with BatchNorm in eval mode."""
+    from modeling_stpnet import STPNetForSemanticSegmentation
+    from modeling_stpnet.blocks import SSA, FusionBlock
+    from modeling_stpnet.transformer_stpnet import UTrans
+
+    config = common.variant_config(common.preset_configs(["stpnet-tiny"])["stpnet-tiny"], "default")
+    config.retrieval_backbone = backbone
+    torch.manual_seed(0)
+    model = STPNetForSemanticSegmentation(config).eval()
+    with torch.no_grad():
+        _randomise_batchnorm(model)
+        x = torch.randn(2, 3, 160, 128)  # non-square, and 1/8 maps smaller than the largest dilation
+        fast = model(x)
+        for module in model.modules():
+            if isinstance(module, (SSA, FusionBlock, UTrans)):
+                module.training = True  # the plain code path; BatchNorm and everything else stay in eval mode
+        plain = model(x)
+    scale = plain.logits.abs().max()
+    assert (fast.logits - plain.logits).abs().max() <= 1e-5 * scale
+    assert torch.equal(fast.retrieved_indices, plain.retrieved_indices)
+
+
+def test_dilated_depthwise_sum_matches_the_convolutions() -> None:
+    from modeling_stpnet.blocks import dilated_depthwise_sum
+
+    torch.manual_seed(0)
+    convs = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=d, dilation=d, groups=8) for d in (6, 12, 18))
+    for h, w in [(28, 20), (7, 9), (40, 40)]:
+        x = torch.randn(2, 8, h, w)
+        with torch.no_grad():
+            expected = sum(conv(x) for conv in convs)
+            assert torch.allclose(dilated_depthwise_sum(x, convs), expected, atol=1e-5)
