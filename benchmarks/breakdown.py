@@ -109,10 +109,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     models[name] = common.STPNetForSemanticSegmentation(config).eval()
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    result: dict[str, Any] = {"machine": common.machine_info(torch.device("cpu")), "command": common.command_line()}
+    result: dict[str, Any] = {
+        "machine": common.machine_info(torch.device("cpu")),
+        "command": common.command_line(),
+        "setting": {"image_size": args.size, "batch_size": args.batch, "rounds": args.rounds, "dtype": "fp32"},
+    }
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.baseline_ref:
+            result["baseline"] = {
+                "ref": args.baseline_ref,
+                "commit": subprocess.run(
+                    ["git", "rev-parse", args.baseline_ref], cwd=common.ROOT, capture_output=True, text=True
+                ).stdout.strip(),
+                "note": "the 'before' model is modeling_stpnet at this commit; 'after' is the working tree",
+            }
             baseline = load_baseline_package(args.baseline_ref, Path(tmp))
             before = baseline.STPNetForSemanticSegmentation(baseline.STPNetConfig(**config.to_diff_dict())).eval()
             before.load_state_dict(models[name].state_dict())

@@ -341,7 +341,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
         colours = ["#888888" if n.startswith("unet") else "#1f77b4" if "shared" in n else "#d62728" for n in names]
         ax.barh(names, ratios, color=colours)
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.axvline(1.5, color="black", linewidth=0.8, linestyle="--")
+        ax.axvline(1.5, color="black", linewidth=0.8, linestyle="--", label="1.5x goal")
         for i, r in enumerate(rows):
             ax.text(r["ratio_to_unet"], i, f" {r['latency_ms']:.0f} ms", va="center", fontsize=7)
         ax.set_title(key, fontsize=9)
@@ -349,6 +349,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
         ax.invert_yaxis()
     for ax in axes[1:]:
         ax.set_yticklabels([])
+    axes[0].legend(loc="lower right", fontsize=7)
     fig.suptitle(f"STPNet vs U-Net, {payload['machine']['cpu']} ({payload['machine']['device']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

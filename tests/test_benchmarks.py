@@ -14,7 +14,7 @@ from benchmarks import breakdown, common, quality, speed
 REQUIRED_SPEED_KEYS = {"model", "latency_ms", "ratio_to_unet", "params", "gmacs", "unet_reference", "peak_memory_mb"}
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread() -> Iterator[None]:
     """One intra-op thread: on shared 2-core machines, 2 threads stall on every op while another job runs."""
     threads = torch.get_num_threads()

@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread() -> Iterator[None]:
     """One intra-op thread: on shared 2-core machines, 2 threads stall on every op while another job runs."""
     threads = torch.get_num_threads()

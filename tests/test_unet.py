@@ -15,7 +15,7 @@ from modeling_stpnet.losses import bce_loss, dice_loss
 from modeling_stpnet.unet import UNetConfig, UNetForSemanticSegmentation
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread() -> Iterator[None]:
     """One intra-op thread: on shared 2-core machines, 2 threads stall on every op while another job runs."""
     threads = torch.get_num_threads()
