@@ -13,11 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers import initialization as init
 
 from .blocks import DoubleConv, DownBlock, UpBlock
 from .losses import bce_loss, dice_loss
-from .modeling_stpnet import STPNetSegmentationOutput
+from .modeling_stpnet import STPNetPreTrainedModel, STPNetSegmentationOutput
 
 
 class UNetConfig(PretrainedConfig):
@@ -101,19 +100,9 @@ class UNetForSemanticSegmentation(PreTrainedModel):
         self.head = nn.Conv2d(ch[0], 1, kernel_size=1)
         self.post_init()
 
-    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # Same scheme as STPNet's convolutional parts, so the baseline starts from a comparable place.
-        if isinstance(module, nn.Conv2d):
-            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-            init.zeros_(module.running_mean)
-            init.ones_(module.running_var)
-            init.zeros_(module.num_batches_tracked)
+        # STPNet's own scheme, so the baseline starts from a comparable place.
+        STPNetPreTrainedModel._init_weights(self, module)
 
     def forward(
         self,
