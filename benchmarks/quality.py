@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import sys
 import time
@@ -81,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs-dir", default=str(common.ROOT / "outputs" / "quality"), help="training run folders")
     parser.add_argument("--output-dir", default=str(common.RESULTS_DIR))
     parser.add_argument("--name", help="results file stem (default quality-<settings>)")
+    parser.add_argument(
+        "--retrain", action="store_true", help="train every row again (default: reuse finished runs of the same config)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.settings = "smoke"
@@ -172,7 +176,12 @@ def train_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, b
         config = config_from_dict(apply_overrides(config.to_dict(), args.overrides))
     started = time.time()
     built: dict[str, int] = {}
-    result = run_training(config, model_factory=model_factory(variant, base_channels, built))
+    result = None if args.retrain else finished_run(run_dir, config.to_yaml())
+    if result is None:
+        result = run_training(config, model_factory=model_factory(variant, base_channels, built))
+    else:
+        print(f"[quality] reusing the finished run in {run_dir} (same config; --retrain to train again)", flush=True)
+        built["params"] = result["num_parameters"]
     metrics = result["test_metrics"] or {}
     return {
         "model": name,
@@ -188,12 +197,25 @@ def train_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, b
         "best_val_dice": result["best_val_dice"],
         "best_step": result["best_step"],
         "steps": result["steps"],
-        "wall_time_s": round(time.time() - started, 1),
+        "wall_time_s": result.get("wall_time_s", round(time.time() - started, 1)),
         "run_dir": str(run_dir),
         "reported_split": config.data.test_split,
         "image_size": config.data.image_size,
         "params": built.get("params"),
     }
+
+
+def finished_run(run_dir: Path, config_yaml: str) -> dict[str, Any] | None:
+    """The result of an earlier run in `run_dir` when it finished (tested) with exactly this config, else None:
+    an interrupted benchmark then continues where it stopped instead of retraining every row."""
+    try:
+        result = json.loads((run_dir / "run.json").read_text())
+        same_config = (run_dir / "train_config.yaml").read_text() == config_yaml
+    except (OSError, ValueError):
+        return None
+    if not same_config or not result.get("test_metrics") or result.get("steps") != result.get("total_steps"):
+        return None
+    return result
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:

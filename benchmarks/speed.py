@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -224,6 +225,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reference = {name: ref for name, ref, _ in specs}
     machine = common.machine_info(device)
     load_samples = [common.load_average()]
+    if load_samples[0] and load_samples[0][0] > 0.5 * (os.cpu_count() or 1) and device.type == "cpu":
+        # Other jobs make multi-threaded ops wait for their slowest thread: models with many small ops (STPNet)
+        # slow down more than the U-Net, so ratios drift upwards. One thread per process is far less sensitive.
+        print(f"warning: load average {load_samples[0][0]} on {os.cpu_count()} cores; ratios will be inflated "
+              "(consider --threads 1 or a quiet machine)")  # fmt: skip
 
     print(f"building {len(specs)} models: {', '.join(builds)}", flush=True)
     models = ModelSet(builds, device)

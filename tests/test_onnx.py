@@ -91,6 +91,7 @@ def test_dynamo_export_of_a_checkpoint(stpnet_checkpoint: Path, tmp_path: Path) 
     assert json.loads(meta["stpnet_config"])["text_categories"][0] == "laterality"
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_torchscript_exporter_with_dynamic_shapes(stpnet_checkpoint: Path, tmp_path: Path) -> None:
     result = export_script().main(
         [
@@ -105,6 +106,7 @@ def test_torchscript_exporter_with_dynamic_shapes(stpnet_checkpoint: Path, tmp_p
         check_report(report, with_retrieval=True)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_auto_falls_back_to_torchscript(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     script = export_script()
     real_export = torch.onnx.export
