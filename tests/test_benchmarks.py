@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,7 @@ from benchmarks import breakdown, common, quality, speed
 REQUIRED_SPEED_KEYS = {"model", "latency_ms", "ratio_to_unet", "params", "gmacs", "unet_reference", "peak_memory_mb"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on shared 2-core machines, 2 threads stall on every op while another job runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_model_names_and_unet_references() -> None:
@@ -132,3 +125,19 @@ def test_dilated_depthwise_sum_matches_the_convolutions() -> None:
         with torch.no_grad():
             expected = sum(conv(x) for conv in convs)
             assert torch.allclose(dilated_depthwise_sum(x, convs), expected, atol=1e-5)
+
+
+def test_ssa_large_map_path_matches_the_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On large maps SSA's spatial depthwise conv also runs as shifted multiply-adds; force that path here."""
+    from modeling_stpnet import blocks
+
+    torch.manual_seed(0)
+    ssa = blocks.SSA(8).eval()
+    with torch.no_grad():
+        _randomise_batchnorm(ssa)
+        x = torch.randn(2, 8, 40, 36)
+        monkeypatch.setattr(blocks, "LARGE_DEPTHWISE_INPUT", 0)
+        fast = ssa(x)
+        ssa.training = True
+        plain = ssa(x)
+    assert torch.allclose(fast, plain, atol=1e-5)

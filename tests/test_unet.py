@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,7 @@ from modeling_stpnet.blocks import DoubleConv, DownBlock, UpBlock
 from modeling_stpnet.losses import bce_loss, dice_loss
 from modeling_stpnet.unet import UNetConfig, UNetForSemanticSegmentation
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on shared 2-core machines, 2 threads stall on every op while another job runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(batch: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
