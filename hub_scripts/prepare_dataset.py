@@ -106,7 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         if target is not None:
             print(f"saved: {target}")
     if args.push_to_hub:
-        push_stpnet_dataset(dataset, args.push_to_hub, private=args.private)
+        import huggingface_hub
+
+        try:
+            push_stpnet_dataset(dataset, args.push_to_hub, private=args.private)
+        except (OSError, huggingface_hub.errors.HfHubHTTPError) as error:  # requests' errors are OSErrors
+            saved = "; the local copies above are complete" if args.output or args.parquet else ""
+            print(
+                f"error: upload to https://huggingface.co/datasets/{args.push_to_hub} failed: {error}{saved}\n"
+                "Check the network and your token (`hf auth login` or HF_TOKEN).",
+                file=sys.stderr,
+            )
+            return 1
         print(f"pushed: https://huggingface.co/datasets/{args.push_to_hub}")
     return 0
 

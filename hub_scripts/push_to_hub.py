@@ -188,13 +188,22 @@ def main(argv: list[str] | None = None) -> int:
             build_folder(args.model, metrics, repo_id, args.dry_run)
             print(f"dry run: the upload folder is {args.dry_run} (nothing uploaded)")
             return 0
-        from huggingface_hub import HfApi
+        import huggingface_hub
 
         with tempfile.TemporaryDirectory() as staging:
             build_folder(args.model, metrics, repo_id, Path(staging))
-            api = HfApi()
-            api.create_repo(repo_id, private=args.private, exist_ok=True, repo_type="model")
-            api.upload_folder(folder_path=staging, repo_id=repo_id, commit_message=args.commit_message)
+            api = huggingface_hub.HfApi()
+            try:
+                api.create_repo(repo_id, private=args.private, exist_ok=True, repo_type="model")
+                api.upload_folder(folder_path=staging, repo_id=repo_id, commit_message=args.commit_message)
+            except (OSError, huggingface_hub.errors.HfHubHTTPError) as error:  # requests' errors are OSErrors
+                print(
+                    f"error: upload to https://huggingface.co/{repo_id} failed: {error}\n"
+                    "Check the network and your token (`hf auth login` or HF_TOKEN); --dry-run DIR writes the folder "
+                    "without uploading.",
+                    file=sys.stderr,
+                )
+                return 1
     except (FileNotFoundError, KeyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -473,6 +473,32 @@ def test_prepare_dataset_cli(tmp_path, capsys, monkeypatch):
     assert "skipped 1" in capsys.readouterr().out
 
 
+def test_prepare_dataset_push_to_hub(tmp_path, capsys, monkeypatch):
+    """The upload path with DatasetDict.push_to_hub replaced (no network here), and its failure message."""
+    monkeypatch.syspath_prepend(str(ROOT / "hub_scripts"))
+    import prepare_dataset
+
+    pushed = []
+
+    def fake_push(self, repo_id, private=False):
+        if repo_id == "me/offline":
+            raise OSError("Connection refused")
+        pushed.append((repo_id, private, sorted(self), self["train"].column_names))
+
+    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", fake_push)
+    root = make_kvasir(tmp_path / "kv", n_train=6, n_test=2)
+    args = ["--source", str(root), "--image-size", "24", "--no-progress"]
+    assert prepare_dataset.main([*args, "--push-to-hub", "me/kvasir", "--private"]) == 0
+    assert "pushed: https://huggingface.co/datasets/me/kvasir" in capsys.readouterr().out
+    [(repo_id, private, splits, columns)] = pushed
+    assert (repo_id, private, splits) == ("me/kvasir", True, ["test", "train", "validation"])
+    assert {"image", "mask", "text", "count", "size"} <= set(columns)
+    assert prepare_dataset.main([*args, "--output", str(tmp_path / "out"), "--push-to-hub", "me/offline"]) == 1
+    err = capsys.readouterr().err
+    assert "upload to https://huggingface.co/datasets/me/offline failed: Connection refused" in err
+    assert "local copies above are complete" in err and (tmp_path / "out" / "dataset_dict.json").is_file()
+
+
 # ---------------------------------------------------------------------------- real data (skipped on user machines)
 needs_qata = pytest.mark.skipif(
     not (SHARED / "qata-cov19" / "valid_text.csv").is_file(),

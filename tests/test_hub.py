@@ -107,3 +107,53 @@ def test_dry_run_folder_has_the_card_and_loads_with_remote_code(tmp_path: Path) 
     assert no_metrics.returncode == 2 and "No metrics found" in no_metrics.stderr
     no_target = run([sys.executable, str(PUSH), "--model", str(best)], tmp_path, env)
     assert no_target.returncode == 2 and "--repo-id" in no_target.stderr
+
+
+class FakeHfApi:
+    """Stands in for huggingface_hub.HfApi (no network here): records the calls and the uploaded files."""
+
+    calls: list[tuple[str, dict]] = []
+    fail_with: Exception | None = None
+
+    def create_repo(self, repo_id: str, **kwargs) -> None:
+        if FakeHfApi.fail_with is not None:
+            raise FakeHfApi.fail_with
+        FakeHfApi.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, folder_path: str, repo_id: str, **kwargs) -> None:
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        FakeHfApi.calls.append(("upload_folder", {"repo_id": repo_id, "files": files, **kwargs}))
+
+
+def test_upload_sends_the_dry_run_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    import importlib.util
+
+    import huggingface_hub
+
+    spec = importlib.util.spec_from_file_location("push_to_hub", PUSH)
+    push = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(push)
+    config = load_train_config(SAMPLE_CONFIG, ["data.image_size=64", "model.overrides={base_channels: 8}"])
+    best = tmp_path / "run" / "best"
+    build_stpnet_model(config, load_repository(config)).save_pretrained(best)
+    (tmp_path / "metrics.json").write_text(json.dumps({"dice": 0.5, "iou": 0.4, "num_images": 2, "split": "test"}))
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    FakeHfApi.calls.clear()
+
+    args = ["--model", str(best), "--metrics", str(tmp_path / "metrics.json"), "--repo-id", "me/stpnet-x"]
+    assert push.main([*args, "--private"]) == 0
+    assert push.main([*args, "--dry-run", str(tmp_path / "dry")]) == 0
+    (create, create_args), (upload, upload_args) = FakeHfApi.calls
+    assert (create, upload) == ("create_repo", "upload_folder")
+    assert create_args == {"repo_id": "me/stpnet-x", "private": True, "exist_ok": True, "repo_type": "model"}
+    assert upload_args["repo_id"] == "me/stpnet-x"
+    assert upload_args["files"] == sorted(p.name for p in (tmp_path / "dry").iterdir())
+    assert "README.md" in upload_args["files"] and "model.safetensors" in upload_args["files"]
+
+    FakeHfApi.fail_with = OSError("Connection refused")
+    try:
+        assert push.main(args) == 1
+    finally:
+        FakeHfApi.fail_with = None
+    err = capsys.readouterr().err
+    assert "upload to https://huggingface.co/me/stpnet-x failed: Connection refused" in err and "--dry-run" in err

@@ -145,7 +145,7 @@ def save_stpnet_dataset(
 
 
 def push_stpnet_dataset(dataset: datasets.DatasetDict, repo_id: str, private: bool = False) -> None:
-    """Upload to the Hub (needs a network and a token from ``huggingface-cli login``); not exercised offline."""
+    """Upload to the Hub (needs a network and a token from ``hf auth login``); tested offline with a stand-in."""
     dataset.push_to_hub(repo_id, private=private)
 
 
