@@ -233,6 +233,18 @@ def test_model_without_text_trains_in_bf16(tiny_dataset: Path, tmp_path: Path) -
     assert model.config.use_text is False
 
 
+def test_stpnet_trains_in_fp16(tiny_dataset: Path, tmp_path: Path) -> None:
+    """fp16 autocast (with accelerate's loss scaling) through the whole model: retrieval, UTrans, decoder. CPU
+    autocast supports fp16, so this is the code path a GPU run takes, minus the CUDA kernels."""
+    settings = {"train.max_steps": 2, "train.mixed_precision": "fp16"}
+    result = run_training(load_train_config(SAMPLE_CONFIG, tiny_overrides(tiny_dataset, tmp_path / "fp16", **settings)))
+    assert json.loads((tmp_path / "fp16" / "run.json").read_text())["mixed_precision"] == "fp16"
+    row = result["history"][-1]
+    assert np.isfinite(row["train_loss"]) and np.isfinite(row["train_retrieval_loss"])
+    model = STPNetForSemanticSegmentation.from_pretrained(result["best_dir"])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # master weights stay fp32
+
+
 # ---------------------------------------------------------------------------- pieces
 def test_augmentation_moves_image_and_mask_together() -> None:
     mask = torch.zeros(64, 64)
