@@ -214,8 +214,8 @@ def write_results(path: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
-    """Plain-text table; `columns` are `(key, header, format)`; missing values print as `-`."""
+def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]], markdown: bool = False) -> str:
+    """Plain-text (or Markdown) table; `columns` are `(key, header, format)`; missing values print as `-`."""
 
     def cell(row: dict[str, Any], key: str, fmt: str) -> str:
         value = row.get(key)
@@ -224,6 +224,9 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]
         return format(value, fmt) if fmt else str(value)
 
     cells = [[cell(r, k, f) for k, _, f in columns] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, (_, h, _) in enumerate(columns)]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, ((_, h, _), w) in enumerate(zip(columns, widths)))]
     for c in cells:

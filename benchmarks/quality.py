@@ -82,6 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs-dir", default=str(common.ROOT / "outputs" / "quality"), help="training run folders")
     parser.add_argument("--output-dir", default=str(common.RESULTS_DIR))
     parser.add_argument("--name", help="results file stem (default quality-<settings>)")
+    parser.add_argument("--show", type=Path, metavar="JSON", help="only print the Markdown table of a results file")
     parser.add_argument(
         "--retrain", action="store_true", help="train every row again (default: reuse finished runs of the same config)"
     )
@@ -260,6 +261,10 @@ def aggregate(runs: list[dict[str, Any]], dataset: str, params: dict[str, int]) 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.show:
+        payload = json.loads(args.show.read_text())
+        print_table(payload, markdown=True)
+        return payload
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = common.preset_configs([args.preset])[args.preset]
@@ -303,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return payload
 
 
-def print_table(payload: dict[str, Any]) -> None:
+def print_table(payload: dict[str, Any], markdown: bool = False) -> None:
     columns = [
         ("model", "model", ""),
         ("dataset", "dataset", ""),
@@ -314,8 +319,18 @@ def print_table(payload: dict[str, Any]) -> None:
         ("iou_std_over_seeds", "± seeds", ".4f"),
         ("dice_std_over_images", "std img", ".3f"),
         ("num_images", "images", "d"),
+        ("params_m", "params (M)", ".2f"),
+        ("retrieval_mean", "retrieval acc.", ".3f"),
     ]
-    print(common.format_table(payload["rows"], columns))
+    rows = [
+        {
+            **row,
+            "params_m": row["params"] / 1e6 if row.get("params") else None,
+            "retrieval_mean": (row.get("retrieval_accuracy") or {}).get("mean"),
+        }
+        for row in payload["rows"]
+    ]
+    print(common.format_table(rows, columns, markdown=markdown))
     for row in payload["rows"]:
         if row.get("retrieval_accuracy"):
             acc = ", ".join(f"{c} {v:.3f}" for c, v in row["retrieval_accuracy"].items() if v is not None)

@@ -48,7 +48,7 @@ def test_speed_writes_rows_with_ratios(tmp_path: Path) -> None:
     assert (tmp_path / "speed-test.png").stat().st_size > 0
 
 
-def test_quality_smoke_writes_all_rows(tmp_path: Path) -> None:
+def test_quality_smoke_writes_all_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     quality.main(["--smoke", "--threads", "1", "--runs-dir", str(tmp_path / "runs"), "--output-dir", str(tmp_path)])
     payload = json.loads((tmp_path / "quality-smoke.json").read_text())
     assert payload["status"] == "complete"
@@ -67,6 +67,17 @@ def test_quality_smoke_writes_all_rows(tmp_path: Path) -> None:
         has_text = name.startswith("stpnet") and not name.endswith("no-text")
         assert bool(row.get("retrieval_accuracy")) == has_text, name
     assert rows["unet-c16"]["params"] < rows["stpnet-tiny-shared"]["params"] < rows["stpnet-tiny"]["params"]
+
+    # a second run reuses the finished runs (same configs) instead of training again, with the same numbers
+    args = ["--smoke", "--variants", "unet", "shared", "--runs-dir", str(tmp_path / "runs"), "--name", "again"]
+    capsys.readouterr()
+    again = quality.main([*args, "--output-dir", str(tmp_path)])
+    assert capsys.readouterr().out.count("reusing the finished run") == 2
+    assert [r["dice"] for r in again["rows"]] == [rows["unet-c16"]["dice"], rows["stpnet-tiny-shared"]["dice"]]
+
+    quality.main(["--show", str(tmp_path / "quality-smoke.json")])
+    table = capsys.readouterr().out
+    assert table.startswith("| model | dataset |") and "| stpnet-tiny-no-ssa | sample | test |" in table
 
 
 def test_breakdown_times_every_block(tmp_path: Path) -> None:
