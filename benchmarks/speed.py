@@ -11,7 +11,8 @@ throughput, `ratio_to_unet` = median over rounds of (model time / same-round tim
 width: `unet` = base 64 for stpnet-paper, `unet-c32` for stpnet-small, `unet-c16` for stpnet-tiny), parameters,
 GMACs per image (torch.utils.flop_counter), peak memory (`common.PeakMemory`, after the timing) and the training step
 (forward + backward + AdamW, Dice+BCE, plus the retrieval losses for STPNet). On CUDA the inference rows are also
-run in bf16 and bf16 + torch.compile. Writes `benchmarks/results/<name>.json` and `<name>.png`.
+run in bf16 and bf16 + torch.compile (`--variants` picks them on any device). Writes
+`benchmarks/results/<name>.json` and `<name>.png`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ from modeling_stpnet.summary import count_gmacs, count_parameters  # noqa: E402 
 MIN_TIMED_SECONDS = 0.05  # fast models repeat their forward pass within one timing to get above timer noise
 
 
+# Inference variants: name -> (dtype, torch.compile). Compiling takes minutes per model on CPU.
+VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16-compile": ("bf16", True)}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="*", help="preset names (default: all in configuration/models)")
@@ -54,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-repeats", type=int, help="timed training steps per model (default 3; --small: 2)")
     parser.add_argument("--small", action="store_true", help="quick CI-style settings")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        help="inference variants (default: fp32 on CPU; fp32 bf16 bf16-compile on CUDA)",
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--name", help="results file stem (default speed or speed-small)")
     parser.add_argument("--output-dir", default=str(common.RESULTS_DIR))
@@ -71,6 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.train_repeats = args.train_repeats or (2 if small else 3)
     args.train_size = args.train_size or args.sizes[0]
     args.name = args.name or ("speed-small" if small else "speed")
+    args.variants = args.variants or (list(VARIANTS) if args.device.startswith("cuda") else ["fp32"])
     bad = [s for s in [*args.sizes, args.train_size] if s % 32]
     if bad:
         parser.error(f"image sizes must be multiples of 32, got {bad}")
@@ -160,9 +172,8 @@ class Setting:
 
 
 def all_settings(args: argparse.Namespace, device: torch.device) -> list[Setting]:
-    variants = [("fp32", False)] + ([("bf16", False), ("bf16", True)] if device.type == "cuda" else [])
     out = []
-    for dtype, compiled in variants:
+    for dtype, compiled in (VARIANTS[v] for v in args.variants):
         out += [Setting("inference", dtype, compiled, s, args.latency_batch, args.repeats) for s in args.sizes]
         if args.throughput_batch:
             out += [
@@ -175,7 +186,7 @@ def all_settings(args: argparse.Namespace, device: torch.device) -> list[Setting
 
 
 class ModelSet:
-    """The models of one run, plus lazily made bf16 / compiled copies of them (CUDA only)."""
+    """The models of one run, plus lazily made bf16 / compiled copies of them (`--variants`)."""
 
     def __init__(self, builds: dict[str, Callable[[], torch.nn.Module]], device: torch.device) -> None:
         self.device = device

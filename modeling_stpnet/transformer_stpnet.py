@@ -201,8 +201,9 @@ def patchify_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """`F.interpolate(x, size, mode="bilinear", align_corners=False)` as two small matmuls with the interpolation
     matrices: 3-4x faster on CPU for the large factors between the token grid and the feature maps (14 → 224).
-    Exporters get `F.interpolate` (one Resize node that serves every input size)."""
-    if is_tracing():
+    Exporters get `F.interpolate` (one Resize node that serves every input size), and so does torch.compile, which
+    generates its own kernel for it (and would trace the cached matrix builder on every recompile)."""
+    if is_tracing() or torch.compiler.is_compiling():
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     rows = _interpolation_matrix(x.shape[-2], int(size[0]), x.dtype, x.device)
     cols = _interpolation_matrix(x.shape[-1], int(size[1]), x.dtype, x.device)

@@ -30,7 +30,7 @@ def test_speed_writes_rows_with_ratios(tmp_path: Path) -> None:
     argv = [
         "--small", "--presets", "stpnet-tiny", "--sizes", "64", "--repeats", "2", "--throughput-batch", "2",
         "--throughput-repeats", "1", "--train-batch", "1", "--train-repeats", "1", "--threads", "1",
-        "--memory-all", "--output-dir", str(tmp_path), "--name", "speed-test",
+        "--memory-all", "--output-dir", str(tmp_path), "--name", "speed-test", "--variants", "fp32", "bf16",
     ]  # fmt: skip
     speed.main(argv)
     payload = json.loads((tmp_path / "speed-test.json").read_text())
@@ -39,6 +39,7 @@ def test_speed_writes_rows_with_ratios(tmp_path: Path) -> None:
     rows = payload["rows"]
     assert {r["model"] for r in rows} == {"unet-c16", "stpnet-tiny", "stpnet-tiny-shared"}
     assert {(r["mode"], r["batch_size"]) for r in rows} == {("inference", 1), ("inference", 2), ("train", 1)}
+    assert {r["dtype"] for r in rows if r["mode"] == "inference"} == {"fp32", "bf16"}
     for row in rows:
         assert REQUIRED_SPEED_KEYS <= set(row), row
         assert row["latency_ms"] > 0 and row["ratio_to_unet"] > 0 and row["gmacs"] > 0
