@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = {k: metrics[k] for k in ("dice", "iou", "micro_dice", "micro_iou", "num_images")}
     print(json.dumps({"split": args.split, **summary, "input_resolution_dice": metrics["input_resolution"]["dice"]}))
+    accuracy, floor = metrics["retrieval_accuracy"], metrics["retrieval_majority_baseline"]
+    if accuracy:
+        pairs = ", ".join(f"{c} {v:.3f} ({floor[c]:.3f})" for c, v in accuracy.items() if v is not None)
+        print(f"retrieval accuracy (majority-class baseline): {pairs}")
     print(f"written: {args.output_dir / 'metrics.json'}, per_image.csv, overlays/")
     return 0
 

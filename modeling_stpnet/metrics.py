@@ -123,3 +123,15 @@ def retrieval_accuracy(
     scored = [v for v in out.values() if v is not None]
     out["mean"] = float(np.mean(scored)) if scored else None
     return out
+
+
+def majority_accuracy(true_labels: Any, categories: Sequence[str] | None = None) -> dict[str, float | None]:
+    """The retrieval accuracy of always answering each category's most frequent true entry: the floor that
+    `retrieval_accuracy` must beat to show that the model reads the image. Same shapes and output as it."""
+    true_labels = torch.as_tensor(np.asarray(true_labels)).long().reshape(len(true_labels), -1)
+    majority = torch.full_like(true_labels, IGNORE_INDEX)
+    for k in range(true_labels.shape[1]):
+        known = true_labels[:, k][true_labels[:, k] != IGNORE_INDEX]
+        if len(known):
+            majority[:, k] = torch.bincount(known).argmax()
+    return retrieval_accuracy(majority, true_labels, categories)

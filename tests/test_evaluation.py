@@ -18,6 +18,7 @@ from modeling_stpnet.metrics import (
     counts_of_masks,
     dice_from_counts,
     iou_from_counts,
+    majority_accuracy,
     mask_counts,
     retrieval_accuracy,
     segmentation_scores,
@@ -79,6 +80,8 @@ def test_retrieval_accuracy_ignores_unknown_labels() -> None:
     result = retrieval_accuracy(retrieved, truth, ["a", "b", "c"])
     assert result["a"] == pytest.approx(2 / 3) and result["b"] is None and result["c"] == pytest.approx(2 / 3)
     assert result["mean"] == pytest.approx(2 / 3)
+    floor = majority_accuracy([[1, 3], [1, -100], [0, 3], [1, 2]], ["a", "b"])
+    assert floor == pytest.approx({"a": 3 / 4, "b": 2 / 3, "mean": (3 / 4 + 2 / 3) / 2})
 
 
 def test_metric_module_loads_offline_and_agrees() -> None:
@@ -117,6 +120,8 @@ def test_evaluate_script_on_the_bundled_sample(tmp_path: Path) -> None:
     for scores in (metrics, metrics["input_resolution"]):
         assert 0 <= scores["dice"] <= 1 and 0 <= scores["iou"] <= scores["dice"] + 1e-9
     assert set(metrics["retrieval_accuracy"]) == {"count", "size", "horizontal", "vertical", "mean"}
+    assert set(metrics["retrieval_majority_baseline"]) == set(metrics["retrieval_accuracy"])
+    assert "retrieval accuracy (majority-class baseline): count " in result.stdout
     with (tmp_path / "eval" / "per_image.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 8

@@ -25,7 +25,14 @@ from tqdm.auto import tqdm
 
 from ..data.io import mask_array
 from ..image_processing_stpnet import STPNetImageProcessor
-from ..metrics import dice_from_counts, iou_from_counts, mask_counts, retrieval_accuracy, segmentation_scores
+from ..metrics import (
+    dice_from_counts,
+    iou_from_counts,
+    majority_accuracy,
+    mask_counts,
+    retrieval_accuracy,
+    segmentation_scores,
+)
 from .data import EpochBatchSampler, SegmentationDataset, make_loader, model_inputs
 
 
@@ -139,7 +146,8 @@ def evaluate_split(
 
     Returns the metrics: ``dice``, ``iou`` (per-image means at original resolution), ``micro_dice``,
     ``micro_iou``, ``num_images``, ``input_resolution`` (the same at the model's input size) and
-    ``retrieval_accuracy`` (per category, or None for models without text or splits without labels).
+    ``retrieval_accuracy`` (per category, or None for models without text or splits without labels) with
+    ``retrieval_majority_baseline`` beside it (always answering the split's most frequent entry).
     """
     model = model.to(device)
     categories = text_categories_of(model, split)
@@ -155,6 +163,9 @@ def evaluate_split(
         },
         "retrieval_accuracy": (
             retrieval_accuracy(pred["retrieved"], pred["true"], categories) if pred["retrieved"] is not None else None
+        ),
+        "retrieval_majority_baseline": (
+            majority_accuracy(pred["true"], categories) if pred["retrieved"] is not None else None
         ),
         "threshold": 0.5,
         "empty_mask_convention": "both empty: dice = iou = 1; one empty: 0",
