@@ -95,8 +95,9 @@ class SSA(nn.Module):
         * oneDNN has no fast kernel for dilated depthwise convolutions (3-10x slower than dilation 1): their sum is
           computed as shifted multiply-adds (their backward is slower that way, so training keeps the convs; so do
           exporters: three Conv nodes and no branching on the input size); so is the undilated depthwise conv of
-          the spatial branch on large maps, where oneDNN's kernel falls off a cliff (128x112x112: ~25 ms against
-          ~0.5 ms at 128x64x64 on this project's CPU, 15-25x slower per element from about 1 M elements);
+          the spatial branch on large maps: called back to back on one map, oneDNN's kernel is 10-20x slower per
+          element from about 1 M elements on (128x112x112: ~12 ms alone against ~3 ms shifted, 1 thread, this
+          project's CPU); inside a full forward pass the difference is much smaller (~1 ms) but never negative;
         * the fusing 1x1 conv runs on the two branches separately, with BatchNorm folded into it, so neither the
           gated copy of `y` nor the concatenation is materialised: the spatial gate is one value per pixel and
           commutes with a 1x1 conv.
