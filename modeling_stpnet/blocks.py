@@ -94,32 +94,22 @@ class SSA(nn.Module):
 
         * oneDNN has no fast kernel for dilated depthwise convolutions (3-10x slower than dilation 1): their sum is
           computed as shifted multiply-adds (their backward is slower that way, so training keeps the convs; so do
-          exporters: three Conv nodes and no branching on the input size); so is the undilated depthwise conv of
-          the spatial branch on large maps: called back to back on one map, oneDNN's kernel is 10-20x slower per
-          element from about 1 M elements on (128x112x112: ~12 ms alone against ~3 ms shifted, 1 thread, this
-          project's CPU); inside a full forward pass the difference is much smaller (~1 ms) but never negative;
+          exporters: three Conv nodes and no branching on the input size);
         * the fusing 1x1 conv runs on the two branches separately, with BatchNorm folded into it, so neither the
           gated copy of `y` nor the concatenation is materialised: the spatial gate is one value per pixel and
           commutes with a 1x1 conv.
         """
         y = self.reduce(x)
+        gate = torch.sigmoid(self.spatial_gate(self.spatial_dw(y)))
         if is_tracing():
-            gate = torch.sigmoid(self.spatial_gate(self.spatial_dw(y)))
             scales = sum(conv(y) for conv in self.dilated)
         else:
-            large = y[0].numel() >= LARGE_DEPTHWISE_INPUT
-            spatial = dilated_depthwise_sum(y, [self.spatial_dw]) if large else self.spatial_dw(y)
-            gate = torch.sigmoid(self.spatial_gate(spatial))
             scales = dilated_depthwise_sum(y, self.dilated)
         multi_scale = self.scale_mix(scales).mul_(y)
         weight, bias = fold_batchnorm(*self.fuse)
         c = y.shape[1]
         out = F.conv2d(y, weight[:, :c]).mul_(gate)
         return out.add_(F.conv2d(multi_scale, weight[:, c:], bias)).add_(x)
-
-
-# Per-image element count from which a depthwise 3x3 conv runs as shifted multiply-adds (see SSA).
-LARGE_DEPTHWISE_INPUT = 1 << 20
 
 
 def fold_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,10 +136,7 @@ class UTrans(nn.Module):
         self.reconstruct = nn.ModuleList(ConvBNReLU(c, c, kernel_size=1) for c in channels)
 
     def _embed(self, s: int, feature: torch.Tensor) -> torch.Tensor:
-        if not self.training and not is_tracing() and self.patch_sizes[s] >= 8:
-            x = patchify_conv(feature, self.patch_embeds[s])
-        else:
-            x = self.patch_embeds[s](feature)  # (B, C, h, w) on the token grid
+        x = self.patch_embeds[s](feature)  # (B, C, h, w) on the token grid
         pos = self.position_embeddings[s]
         # An exported graph must serve every size, so it always resamples (bicubic at scale 1 is the identity).
         if pos.shape[-2:] != x.shape[-2:] or is_tracing():
@@ -182,20 +179,6 @@ class UTrans(nn.Module):
         if self.training:
             return act(norm(conv(F.interpolate(fmap, size=size, mode="bilinear", align_corners=False))))
         return act(upsample_bilinear(norm(conv(fmap)), size))
-
-
-def patchify_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """`conv(x)` for a conv whose stride equals its kernel (non-overlapping patches), as one contraction.
-
-    oneDNN runs the large-kernel cases (16x16 and 8x8 patches on the full and half resolution maps) at about half
-    its usual speed on CPU; read as a matrix product over (channel, row-in-patch, column-in-patch) they are
-    30-40% faster. `(B, C, H, W) → (B, C_out, H/p, W/p)`; H and W must be multiples of p.
-    """
-    p = conv.kernel_size[0]
-    b, c, h, w = x.shape
-    patches = x.view(b, c, h // p, p, w // p, p)
-    y = torch.einsum("bcyixj,ocij->boyx", patches, conv.weight)
-    return y + conv.bias.view(1, -1, 1, 1)
 
 
 def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

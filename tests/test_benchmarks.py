@@ -137,19 +137,3 @@ def test_dilated_depthwise_sum_matches_the_convolutions() -> None:
         with torch.no_grad():
             expected = sum(conv(x) for conv in convs)
             assert torch.allclose(dilated_depthwise_sum(x, convs), expected, atol=1e-5)
-
-
-def test_ssa_large_map_path_matches_the_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On large maps SSA's spatial depthwise conv also runs as shifted multiply-adds; force that path here."""
-    from modeling_stpnet import blocks
-
-    torch.manual_seed(0)
-    ssa = blocks.SSA(8).eval()
-    with torch.no_grad():
-        _randomise_batchnorm(ssa)
-        x = torch.randn(2, 8, 40, 36)
-        monkeypatch.setattr(blocks, "LARGE_DEPTHWISE_INPUT", 0)
-        fast = ssa(x)
-        ssa.training = True
-        plain = ssa(x)
-    assert torch.allclose(fast, plain, atol=1e-5)
