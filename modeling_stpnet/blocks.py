@@ -95,12 +95,14 @@ class SSA(nn.Module):
         * oneDNN has no fast kernel for dilated depthwise convolutions (3-10x slower than dilation 1): their sum is
           computed as shifted multiply-adds (their backward is slower that way, so training keeps the convs; so do
           exporters: three Conv nodes and no branching on the input size);
+        * the spatial gate's depthwise 3x3 and its 1x1 conv to one channel are composed into one 3x3 conv to one
+          channel (both linear), so the depthwise output is never materialised;
         * the fusing 1x1 conv runs on the two branches separately, with BatchNorm folded into it, so neither the
-          gated copy of `y` nor the concatenation is materialised: the spatial gate is one value per pixel and
-          commutes with a 1x1 conv.
+          gated copy of `y` nor the concatenation is materialised (the spatial gate is one value per pixel and
+          commutes with a 1x1 conv), and the second branch accumulates into the first one's output.
         """
         y = self.reduce(x)
-        gate = torch.sigmoid(self.spatial_gate(self.spatial_dw(y)))
+        gate = torch.sigmoid(self._gate_logits(y))  # (B, 1, H, W)
         if is_tracing():
             scales = sum(conv(y) for conv in self.dilated)
         else:
@@ -108,8 +110,26 @@ class SSA(nn.Module):
         multi_scale = self.scale_mix(scales).mul_(y)
         weight, bias = fold_batchnorm(*self.fuse)
         c = y.shape[1]
-        out = F.conv2d(y, weight[:, :c]).mul_(gate)
-        return out.add_(F.conv2d(multi_scale, weight[:, c:], bias)).add_(x)
+        out = F.conv2d(y, weight[:, :c]).mul_(gate).add_(bias.view(1, -1, 1, 1))
+        return add_pointwise_conv_(out, multi_scale, weight[:, c:]).add_(x)
+
+    def _gate_logits(self, y: torch.Tensor) -> torch.Tensor:
+        """`spatial_gate(spatial_dw(y))` as one linear map: each of the 3x3 taps contracts the channels with
+        `gate_weight * dw_weight[:, tap]` (one matrix product for all nine), and the nine one-channel maps are
+        summed shifted. `(B, C, H, W) → (B, 1, H, W)`."""
+        b, c, h, w = y.shape
+        gate_w = self.spatial_gate.weight[0, :, 0, 0]  # (C,)
+        bias = self.spatial_gate.bias + (self.spatial_dw.bias * gate_w).sum()
+        if is_tracing():  # exporters: one dense 3x3 conv to one channel
+            weight = (self.spatial_dw.weight[:, 0] * gate_w[:, None, None]).unsqueeze(0)
+            return F.conv2d(y, weight, bias, padding=1)
+        taps = (gate_w[:, None] * self.spatial_dw.weight.view(c, 9)).t()  # (9, C)
+        taps = F.pad((taps @ y.view(b, c, h * w)).view(b, 9, h, w), (1, 1, 1, 1))  # zero padding of the conv
+        out = bias.view(1, 1, 1).expand(b, h, w).clone()
+        for k in range(9):
+            i, j = divmod(k, 3)
+            out += taps[:, k, i : i + h, j : j + w]
+        return out.unsqueeze(1)
 
 
 def fold_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +166,17 @@ def dilated_depthwise_sum(x: torch.Tensor, convs: nn.ModuleList) -> torch.Tensor
     return out
 
 
+def add_pointwise_conv_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`out += F.conv2d(x, weight)` for a 1x1 `weight` `(Co, Ci, 1, 1)`, accumulated in place (one batched matrix
+    product into `out`'s memory) rather than through a new tensor of `out`'s size. Exporters get the conv.
+    `(B, Co, H, W), (B, Ci, H, W) → out`."""
+    if is_tracing() or not (out.is_contiguous() and x.is_contiguous()):
+        return out.add_(F.conv2d(x, weight))
+    b, co = out.shape[:2]
+    out.view(b, co, -1).baddbmm_(weight.reshape(co, -1).expand(b, -1, -1), x.view(b, x.shape[1], -1))
+    return out
+
+
 class FusionBlock(nn.Module):
     """Merge a CNN decoder feature with the transformer branch's feature of the same resolution.
 
@@ -173,15 +204,18 @@ class FusionBlock(nn.Module):
         return x + torch.cat([self.branch_a(a), self.branch_b(b)], dim=1)
 
     def _inference_forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The same function in eval mode with fewer full-resolution passes: BatchNorm folded into the convs, the
-        merging 1x1 conv applied to `x` and `t` separately (no concatenated copy), and the two branches as one
-        conv with 2 groups (no split copies, no concatenation of their outputs)."""
+        """The same function in eval mode with fewer full-resolution tensors and passes (on CPU every new large
+        tensor also costs fresh pages, the more so at large batches): BatchNorm folded into the convs; the
+        merging 1x1 conv applied to `x`, with `t`'s half accumulated into the same tensor (no concatenated copy,
+        no second output); the residual's identity folded into its weight; the two branches as one conv with 2
+        groups (no split copies, no concatenation of their outputs)."""
         (merge_conv, merge_norm, _), (residual_conv, residual_norm) = self.merge, self.residual
         c = x.shape[1]
         weight, bias = fold_batchnorm(merge_conv, merge_norm)
-        z = F.conv2d(x, weight[:, :c], bias).add_(F.conv2d(t, weight[:, c:])).relu_()
+        z = add_pointwise_conv_(F.conv2d(x, weight[:, :c], bias), t, weight[:, c:]).relu_()
         weight, bias = fold_batchnorm(residual_conv, residual_norm)
-        z = F.conv2d(z, weight, bias).add_(z).relu_()
+        identity = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device).view_as(weight)
+        z = F.conv2d(z, weight + identity, bias).relu_()  # z + conv(z) = (W + I) z
         (conv_a, norm_a, _), (conv_b, norm_b, _) = self.branch_a, self.branch_b
         (weight_a, bias_a), (weight_b, bias_b) = fold_batchnorm(conv_a, norm_a), fold_batchnorm(conv_b, norm_b)
         y = F.conv2d(z, torch.cat([weight_a, weight_b]), torch.cat([bias_a, bias_b]), padding=conv_a.padding, groups=2)
