@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from benchmarks import breakdown, common, quality, speed
 
@@ -125,6 +126,23 @@ def test_inference_fast_paths_compute_the_documented_function(backbone: str) -> 
     scale = plain.logits.abs().max()
     assert (fast.logits - plain.logits).abs().max() <= 1e-5 * scale
     assert torch.equal(fast.retrieved_indices, plain.retrieved_indices)
+
+
+def test_add_pointwise_conv_accumulates_in_place_and_is_counted() -> None:
+    """The in-place 1x1 accumulation must equal a conv, write into `out`'s memory, and show in the GMAC count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modeling_stpnet.blocks import add_pointwise_conv_
+
+    torch.manual_seed(0)
+    out, x, weight = torch.randn(3, 6, 5, 7), torch.randn(3, 4, 5, 7), torch.randn(6, 4, 1, 1)
+    expected = out + F.conv2d(x, weight)
+    pointer = out.data_ptr()
+    with FlopCounterMode(display=False) as counter:
+        result = add_pointwise_conv_(out, x, weight)
+    assert result.data_ptr() == pointer
+    assert torch.allclose(result, expected, atol=1e-5)
+    assert counter.get_total_flops() == 2 * 3 * 6 * 4 * 5 * 7
 
 
 def test_dilated_depthwise_sum_matches_the_convolutions() -> None:
