@@ -168,9 +168,16 @@ def dilated_depthwise_sum(x: torch.Tensor, convs: nn.ModuleList) -> torch.Tensor
 
 def add_pointwise_conv_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`out += F.conv2d(x, weight)` for a 1x1 `weight` `(Co, Ci, 1, 1)`, accumulated in place (one batched matrix
-    product into `out`'s memory) rather than through a new tensor of `out`'s size. Exporters get the conv.
+    product into `out`'s memory) rather than through a new tensor of `out`'s size. Exporters, autocast, mixed dtypes and
+    autograd get the plain conv.
     `(B, Co, H, W), (B, Ci, H, W) → out`."""
-    if is_tracing() or not (out.is_contiguous() and x.is_contiguous()):
+    plain = (
+        is_tracing()
+        or torch.is_autocast_enabled(out.device.type)  # the conv casts its operands; a matrix product with out= won't
+        or not (out.dtype == x.dtype == weight.dtype and out.is_contiguous() and x.is_contiguous())
+        or (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad or weight.requires_grad))  # no autograd
+    )
+    if plain:
         return out.add_(F.conv2d(x, weight))
     b, co = out.shape[:2]
     flat = out.view(b, co, -1)

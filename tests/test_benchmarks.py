@@ -144,6 +144,14 @@ def test_add_pointwise_conv_accumulates_in_place_and_is_counted() -> None:
     assert torch.allclose(result, expected, atol=1e-5)
     assert counter.get_total_flops() == 2 * 3 * 6 * 4 * 5 * 7
 
+    # Under autograd (e.g. input saliency in eval mode) and autocast it falls back to the conv, with gradients.
+    x.requires_grad_(True)
+    add_pointwise_conv_(torch.zeros(3, 6, 5, 7), x, weight).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = add_pointwise_conv_(F.conv2d(x.detach(), torch.ones(6, 4, 1, 1)), x.detach(), weight)
+    assert low.dtype == torch.bfloat16
+
 
 def test_dilated_depthwise_sum_matches_the_convolutions() -> None:
     from modeling_stpnet.blocks import dilated_depthwise_sum
