@@ -95,8 +95,8 @@ class SSA(nn.Module):
         * oneDNN has no fast kernel for dilated depthwise convolutions (3-10x slower than dilation 1): their sum is
           computed as shifted multiply-adds (their backward is slower that way, so training keeps the convs; so do
           exporters: three Conv nodes and no branching on the input size);
-        * the spatial gate's depthwise 3x3 and its 1x1 conv to one channel are composed into one 3x3 conv to one
-          channel (both linear), so the depthwise output is never materialised;
+        * the spatial gate's depthwise 3x3 and its 1x1 conv to one channel are composed into one linear map to one
+          channel (`_gate_logits`), so the depthwise output is never materialised;
         * the fusing 1x1 conv runs on the two branches separately, with BatchNorm folded into it, so neither the
           gated copy of `y` nor the concatenation is materialised (the spatial gate is one value per pixel and
           commutes with a 1x1 conv), and the second branch accumulates into the first one's output.
