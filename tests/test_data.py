@@ -1,4 +1,4 @@
-"""Data pipeline: layouts -> DatasetDict, auto descriptions, robust loading, round trips (CPU, offline)."""
+"""Data pipeline: layouts -> DatasetDict, robust loading, round trips (CPU, offline)."""
 
 from __future__ import annotations
 
@@ -9,121 +9,26 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
+from layouts import KVASIR, LUNG, LVIT_TEXT, QATA_ROWS, ROOT, TEXT, blob_mask, make_kvasir, make_lvit, make_qata
 from PIL import Image
 
 from modeling_stpnet.data import (
     DataError,
-    MaskDescriber,
     class_balance,
-    connected_components,
     convert_layout,
     dataset_features,
-    describe_mask,
     detect_layout,
     discover,
     load_image,
     load_mask,
     load_stpnet_dataset,
-    mask_statistics,
     parse_lung_description,
     save_stpnet_dataset,
     validate_stpnet_dataset,
 )
-from modeling_stpnet.data.descriptions import _label_union_find
-from modeling_stpnet.text_repository import ScaleAwareTextRepository
 
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT / "configuration" / "text"
 SAMPLE = ROOT / "sample" / "kvasir-seg-mini"
 SHARED = Path(os.environ.get("STPNET_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-KVASIR = ScaleAwareTextRepository.from_json_file(TEXT / "kvasir-seg.json")
-LUNG = ScaleAwareTextRepository.from_json_file(TEXT / "qata-cov19.json")
-
-
-# ---------------------------------------------------------------------------- helpers
-def blob_mask(height: int, width: int, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
-    """Boolean mask with filled rectangles (y0, x0, y1, x1)."""
-    mask = np.zeros((height, width), dtype=bool)
-    for y0, x0, y1, x1 in boxes:
-        mask[y0:y1, x0:x1] = True
-    return mask
-
-
-def write_pair(images: Path, masks: Path, stem: str, boxes, size=(48, 40), mask_ext=".jpg", mask_prefix="") -> None:
-    width, height = size
-    rng = np.random.default_rng(sum(stem.encode()))  # str hash() is salted per process
-    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(images / f"{stem}.jpg")
-    mask = Image.fromarray(np.where(blob_mask(height, width, boxes), 255, 0).astype(np.uint8))
-    mask.save(masks / f"{mask_prefix}{stem}{mask_ext}")
-
-
-def make_kvasir(root: Path, n_train: int = 10, n_test: int = 3) -> Path:
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    train = [f"tr{i:02d}" for i in range(n_train)]
-    test = [f"te{i:02d}" for i in range(n_test)]
-    for stem in train + test:
-        write_pair(root / "images", root / "masks", stem, [(8, 10, 24, 30)])
-    (root / "split_official_train.txt").write_text("\n".join(train) + "\n")
-    (root / "split_official_val.txt").write_text("\n".join(test) + "\n")
-    return root
-
-
-QATA_ROWS = [  # pulmonary_infection, infected_area, zones, expected (laterality, count, left, right)
-    (1, 1, "0 0 0 0 0 1", (0, 0, "no lesion in left lung", "lower right lung")),
-    (2, 2, "1 0 0 0 0 1", (1, 1, "upper left lung", "lower right lung")),
-    (1, 2, "1 0 1 0 0 0", (0, 1, "upper lower left lung", "no lesion in right lung")),
-    (2, 6, "1 1 1 1 1 1", (1, 1, "upper middle lower left lung", "upper middle lower right lung")),
-]
-
-
-def make_qata(root: Path, splits=("train", "valid", "test"), rows=QATA_ROWS) -> Path:
-    for split in splits:
-        (root / split / "images").mkdir(parents=True)
-        (root / split / "masks").mkdir()
-        records = []
-        for i, (lat, area, zones, _) in enumerate(rows):
-            name = f"{split}_{i}.png"
-            Image.fromarray(np.full((32, 32), 40 * i, dtype=np.uint8)).save(root / split / "images" / name)
-            Image.fromarray(np.where(blob_mask(32, 32, [(4, 4, 12, 12)]), 255, 0).astype(np.uint8)).save(
-                root / split / "masks" / f"mask_{name}"
-            )
-            records.append(
-                {
-                    "image": name,
-                    "mask": f"mask_{name}",
-                    "caption_sgseg": "x",
-                    "pulmonary_infection": lat,
-                    "infected_area": area,
-                    "pseudo_label_6zones": zones,
-                }
-            )
-        pd.DataFrame(records).to_csv(root / f"{split}_text.csv", index=False)
-    return root
-
-
-LVIT_TEXT = [
-    "Bilateral pulmonary infection, two infected areas, middle left lung and upper right lung.",
-    "Unilateral pulmonary infection, one infected area, all left lung.",
-    "Bilateral pulmonary infection, three infected areas,upper midlle left lung and lower right lung.",
-]
-
-
-def make_lvit(root: Path, texts=LVIT_TEXT, mask_named_text: bool = False) -> Path:
-    for prefix in ("Train", "Val", "Test"):
-        folder = root / f"{prefix}_Folder"
-        (folder / "img").mkdir(parents=True)
-        (folder / "labelcol").mkdir()
-        rows = []
-        for i, text in enumerate(texts):
-            name = f"{prefix.lower()}{i}.png"
-            Image.fromarray(np.full((24, 24), 30 * i, dtype=np.uint8)).save(folder / "img" / name)
-            Image.fromarray(np.where(blob_mask(24, 24, [(2, 2, 9, 9)]), 255, 0).astype(np.uint8)).save(
-                folder / "labelcol" / name
-            )
-            rows.append({"Image": f"mask_{name}" if mask_named_text else name, "Description": text})
-        pd.DataFrame(rows).to_excel(folder / f"{prefix}_text.xlsx", index=False)
-    return root
 
 
 def convert(source: Path, **kwargs):
@@ -216,125 +121,11 @@ def test_lvit_unparseable_description(tmp_path):
     assert "skipped 3" in report.format()
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        (
-            "Bilateral pulmonary infection, two infected areas, all left lung and all right lung.",
-            (
-                "Bilateral pulmonary infection",
-                "multiple infected areas",
-                "upper middle lower left lung",
-                "upper middle lower right lung",
-            ),
-        ),
-        (
-            "Unilateral pulmonary infection, one infected area, middle lower right lung.",
-            (
-                "Unilateral pulmonary infection",
-                "one infected area",
-                "no lesion in left lung",
-                "middle lower right lung",
-            ),
-        ),
-        (
-            "Bilateral pulmonary infection, two infected areas, middle upper left lung and lower right lung.",
-            ("Bilateral pulmonary infection", "multiple infected areas", "upper middle left lung", "lower right lung"),
-        ),
-        (
-            "bilateral pulmonary infection, six infected areas, upper middle lower left lung and upper lower right lung"
-            ".",
-            (
-                "Bilateral pulmonary infection",
-                "multiple infected areas",
-                "upper middle lower left lung",
-                "upper lower right lung",
-            ),
-        ),
-    ],
-)
-def test_parse_lung_description(text, expected):
-    got = parse_lung_description(text)
-    assert tuple(got[c] for c in LUNG.categories) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        (
-            "Unilateral pulmonary infection, one infected area, upper left lung and lower right lung.",
-            "names lesions in 2",
-        ),
-        ("Bilateral pulmonary infection, two infected areas, left lung.", "no zone given"),
-        ("Bilateral pulmonary infection, lower left lung and lower right lung.", "infected area"),
-        ("Bilateral pulmonary infection, two infected areas, lower left lung and posterior right lung.", "posterior"),
-    ],
-)
-def test_parse_lung_description_errors(text, message):
-    with pytest.raises(DataError, match=message):
-        parse_lung_description(text, where="f.xlsx row 9")
-
-
-# ---------------------------------------------------------------------------- automatic descriptions
-def _sentences(indices):
-    return [KVASIR.sentences[k][i] for k, i in enumerate(indices)]
-
-
-def test_auto_descriptions_known_answers():
-    settings = {"min_component_fraction": 0.001, "size_thresholds": [0.05, 0.15], "position_bounds": [0.4, 0.6]}
-    describer = MaskDescriber(KVASIR, settings)
-    # one 40x40 blob (16% of 100x100) in the centre
-    assert _sentences(describer.describe(blob_mask(100, 100, [(30, 30, 70, 70)]))) == [
-        "one polyp",
-        "large polyp",
-        "in the horizontal centre of the image",
-        "in the vertical middle of the image",
-    ]
-    # one small blob (1%) top-left, plus a 2-pixel speck below min_component_fraction (10 px) that is ignored
-    mask = blob_mask(100, 100, [(5, 5, 15, 15), (90, 90, 91, 92)])
-    assert _sentences(describer.describe(mask)) == [
-        "one polyp",
-        "small polyp",
-        "in the left part of the image",
-        "in the upper part of the image",
-    ]
-    # two medium blobs (2 x 5% = 10%), bottom right
-    mask = blob_mask(100, 100, [(70, 62, 95, 82), (70, 85, 95, 100)])
-    assert _sentences(describer.describe(mask)) == [
-        "multiple polyps",
-        "medium-sized polyp",
-        "in the right part of the image",
-        "in the lower part of the image",
-    ]
-    # empty, or only noise -> None (the converters skip and report it)
-    assert describer.describe(np.zeros((50, 50), bool)) is None
-    assert describer.describe(blob_mask(100, 100, [(0, 0, 1, 1)])) is None
-
-
 def test_auto_description_empty_mask_is_reported(tmp_path):
     root = make_kvasir(tmp_path / "kv", n_train=4, n_test=2)
     Image.fromarray(np.zeros((40, 48), np.uint8)).save(root / "masks" / "tr01.jpg")
     dataset, report = convert(root, val_fraction=0.0)
     assert report.counts["train"] == 3 and "empty mask" in report.skips[0].reason and "tr01" in report.skips[0].file
-
-
-def test_connected_components_fallback_matches_scipy():
-    rng = np.random.default_rng(0)
-    mask = rng.random((30, 40)) > 0.6
-    labels, count = connected_components(mask)
-    labels2, count2 = _label_union_find(mask)
-    assert count == count2
-    # same partition up to label numbering
-    assert len({(a, b) for a, b in zip(labels.ravel(), labels2.ravel())}) == count + 1
-    assert connected_components(blob_mask(10, 10, [(0, 0, 3, 3), (3, 3, 5, 5)]))[1] == 1  # 8-connected diagonal
-
-
-def test_describer_rejects_unsupported_definitions():
-    with pytest.raises(ValueError, match="no 'auto_description'"):
-        MaskDescriber(LUNG)
-    assert describe_mask(blob_mask(20, 20, [(5, 5, 15, 15)]), KVASIR)[0] == 0
-    stats = mask_statistics(blob_mask(10, 10, [(0, 0, 10, 10)]))
-    assert stats.centre_x == pytest.approx(0.5) and stats.area_fraction == 1.0
 
 
 # ---------------------------------------------------------------------------- robust loading and bad input
