@@ -8,12 +8,18 @@ Times every top-level block (stem, down blocks, SSA, retrieval, UTrans, up block
 forward hooks, CPU fp32, interleaved rounds, medians. `--baseline-ref REF` also loads `modeling_stpnet` as it was at
 git revision REF (extracted to a temporary folder) with the same weights, checks that both give the same logits
 and reports both against the U-Net. `--profile` adds torch.profiler's top operators for the current model.
+
+Each row also counts the minor page faults per forward pass (fresh pages the kernel had to hand out and zero, i.e.
+memory the allocator returned and took back; Linux/macOS `getrusage`). Rerun with glibc's page return switched off
+(`MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=536870912`) to see what they
+cost each model.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import statistics
 import subprocess
 import sys
@@ -32,6 +38,17 @@ try:
     from . import common
 except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
+
+
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (all threads), or None where getrusage is missing."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else None
+
 
 BLOCKS = (
     ["stem"]
@@ -113,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": common.machine_info(torch.device("cpu")),
         "command": common.command_line(),
         "setting": {"image_size": args.size, "batch_size": args.batch, "rounds": args.rounds, "dtype": "fp32"},
+        "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
         timers = {n: BlockTimer(m, BLOCKS) for n, m in models.items()}
         totals: dict[str, list[float]] = {n: [] for n in models}
+        faults: dict[str, list[int]] = {n: [] for n in models}
         names = list(models)
         with torch.inference_mode():
             for m in models.values():
@@ -146,9 +165,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 t.clear()
             for r in range(args.rounds):
                 for n in names[r % len(names) :] + names[: r % len(names)]:
-                    t0 = time.perf_counter()
+                    f0, t0 = minor_faults(), time.perf_counter()
                     models[n](x)
                     totals[n].append(time.perf_counter() - t0)
+                    if f0 is not None:
+                        faults[n].append(minor_faults() - f0)
         ref = unet_spec[0]
         rows = []
         for n in names:
@@ -160,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "latency_ms": round(statistics.median(totals[n]) * 1e3, 2),
                     "ratio_to_unet": round(statistics.median(a / b for a, b in zip(totals[n], totals[ref])), 3),
                     "unet_reference": ref,
+                    "page_faults_per_forward": int(statistics.median(faults[n])) if faults[n] else None,
                     "blocks_ms": timers[n].medians_ms(),
                 }
             )
@@ -180,8 +202,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         values = [r["blocks_ms"].get(block) for r in rows]
         if any(v is not None for v in values):
             print(f"{block:<16}" + "".join(f"{'-' if v is None else f'{v:.1f} ms':>36}" for v in values))
+    page_kib = os.sysconf("SC_PAGE_SIZE") / 1024 if hasattr(os, "sysconf") else 4
     for r in rows:
-        print(f"{r['model']:<40} {r['latency_ms']:>9.1f} ms  x{r['ratio_to_unet']:.2f} vs {ref}")
+        faults_text = ""
+        if r["page_faults_per_forward"] is not None:
+            mib = r["page_faults_per_forward"] * page_kib / 1024
+            faults_text = f"  {r['page_faults_per_forward']} page faults ({mib:.0f} MiB fresh pages) per forward"
+        print(f"{r['model']:<40} {r['latency_ms']:>9.1f} ms  x{r['ratio_to_unet']:.2f} vs {ref}{faults_text}")
     if "equivalence" in result:
         print(f"before/after equivalence: {result['equivalence']}")
     print(

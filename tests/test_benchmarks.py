@@ -89,6 +89,10 @@ def test_breakdown_times_every_block(tmp_path: Path) -> None:
     assert unet["model"] == "unet-c16" and stpnet["model"] == "stpnet-tiny-shared"
     assert {"ssa.0", "utrans", "fusions.3", "retrieval"} <= set(stpnet["blocks_ms"])
     assert json.loads(out.read_text())["rows"][1]["ratio_to_unet"] > 0
+    if breakdown.resource is not None:  # page faults counted per model and forward pass
+        assert all(
+            isinstance(r["page_faults_per_forward"], int) and r["page_faults_per_forward"] >= 0 for r in result["rows"]
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- optimisations
