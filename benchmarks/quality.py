@@ -82,7 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs-dir", default=str(common.ROOT / "outputs" / "quality"), help="training run folders")
     parser.add_argument("--output-dir", default=str(common.RESULTS_DIR))
     parser.add_argument("--name", help="results file stem (default quality-<settings>)")
-    parser.add_argument("--show", type=Path, metavar="JSON", help="only print the Markdown table of a results file")
+    parser.add_argument(
+        "--show", type=Path, metavar="JSON", help="only print the Markdown table of a results file (and chart it)"
+    )
+    parser.add_argument("--no-chart", action="store_true", help="write no PNG chart")
     parser.add_argument(
         "--retrain", action="store_true", help="train every row again (default: reuse finished runs of the same config)"
     )
@@ -195,6 +198,7 @@ def train_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, b
         "num_images": metrics.get("num_images"),
         "per_image_std": per_image_std(run_dir),
         "retrieval_accuracy": metrics.get("retrieval_accuracy"),
+        "retrieval_majority_baseline": metrics.get("retrieval_majority_baseline"),
         "best_val_dice": result["best_val_dice"],
         "best_step": result["best_step"],
         "steps": result["steps"],
@@ -255,6 +259,11 @@ def aggregate(runs: list[dict[str, Any]], dataset: str, params: dict[str, int]) 
             row["retrieval_accuracy"] = {
                 c: _mean_std([a.get(c) for a in accuracies])[0] for c in accuracies[0]
             }  # fmt: skip
+            # A property of the reported split (the same for every seed and model): the accuracy of always answering
+            # its most frequent entry, the floor a retrieval head has to beat.
+            floors = [r.get("retrieval_majority_baseline") for r in mine if r.get("retrieval_majority_baseline")]
+            if floors:
+                row["retrieval_majority_baseline"] = floors[0]
         rows.append(row)
     return rows
 
@@ -264,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.show:
         payload = json.loads(args.show.read_text())
         print_table(payload, markdown=True)
+        if not args.no_chart and (chart := plot(payload, args.show.with_suffix(".png"))):
+            print(f"wrote {chart}")
         return payload
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -305,6 +316,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.write_results(out, payload)
     print_table(payload)
     print(f"wrote {out}")
+    if not args.no_chart and (chart := plot(payload, out.with_suffix(".png"))):
+        print(f"wrote {chart}")
     return payload
 
 
@@ -333,8 +346,89 @@ def print_table(payload: dict[str, Any], markdown: bool = False) -> None:
     print(common.format_table(rows, columns, markdown=markdown))
     for row in payload["rows"]:
         if row.get("retrieval_accuracy"):
-            acc = ", ".join(f"{c} {v:.3f}" for c, v in row["retrieval_accuracy"].items() if v is not None)
-            print(f"  {row['model']} on {row['dataset']}: retrieval accuracy {acc}")
+            floor = row.get("retrieval_majority_baseline") or {}
+            acc = ", ".join(
+                f"{c} {v:.3f}" + (f" ({floor[c]:.3f})" if floor.get(c) is not None else "")
+                for c, v in row["retrieval_accuracy"].items()
+                if v is not None
+            )
+            legend = " (majority-class floor)" if floor else ""
+            print(f"  {row['model']} on {row['dataset']}: retrieval accuracy{legend} {acc}")
+
+
+def plot(payload: dict[str, Any], path: Path) -> Path | None:
+    """Dice per model (bar: mean over seeds, whisker: ± std over seeds, dots: single seeds) and, below, retrieval
+    accuracy per text category for the rows that retrieve, with the split's majority-class floor; one column per
+    dataset."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart")
+        return None
+    datasets = list(dict.fromkeys(r["dataset"] for r in payload["rows"]))
+    if not datasets:
+        return None
+    with_retrieval = any(r.get("retrieval_accuracy") for r in payload["rows"])
+    n_rows = 2 if with_retrieval else 1
+    fig, axes = plt.subplots(n_rows, len(datasets), figsize=(5.2 * len(datasets), 3.4 * n_rows), squeeze=False)
+    for col, dataset in enumerate(datasets):
+        rows = [r for r in payload["rows"] if r["dataset"] == dataset]
+        ax = axes[0][col]
+        names = [r["model"] for r in rows]
+        colours = [_colour(n) for n in names]
+        ax.barh(names, [r["dice"] or 0 for r in rows], xerr=[r.get("dice_std_over_seeds") or 0 for r in rows],
+                color=colours, alpha=0.8, capsize=3)  # fmt: skip
+        for i, r in enumerate(rows):
+            seeds = [s["dice"] for s in r.get("per_seed", []) if s.get("dice") is not None]
+            ax.plot(seeds, [i] * len(seeds), "k.", markersize=4)
+            if r["dice"] is not None:
+                ax.text(0.01, i, f"{r['dice']:.3f}", va="center", fontsize=7, color="white")
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(f"per-image Dice, {rows[0]['split']} ({rows[0]['num_images']} images)")
+        ax.set_title(f"{dataset}: seeds {', '.join(map(str, rows[0]['seeds']))}", fontsize=9)
+        if with_retrieval:
+            _plot_retrieval(axes[1][col], [r for r in rows if r.get("retrieval_accuracy")])
+    settings = payload.get("settings", {})
+    fig.suptitle(f"quality, {settings.get('level', '?')} settings ({settings.get('preset', '?')}): "
+                 f"{payload['machine']['cpu']}", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _colour(name: str) -> str:
+    if name.startswith("unet"):
+        return "#888888"
+    return {"-shared": "#1f77b4", "-no-text": "#2ca02c", "-no-ssa": "#ff7f0e"}.get(
+        next((s for s in ("-shared", "-no-text", "-no-ssa") if name.endswith(s)), ""), "#d62728"
+    )
+
+
+def _plot_retrieval(ax: Any, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        ax.set_axis_off()
+        return
+    categories = [c for c in rows[0]["retrieval_accuracy"] if c != "mean"]
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        values = [r["retrieval_accuracy"].get(c) or 0 for c in categories]
+        ax.bar([k + (i - (len(rows) - 1) / 2) * width for k in range(len(categories))], values, width,
+               color=_colour(r["model"]), label=r["model"])  # fmt: skip
+    floor = next((r["retrieval_majority_baseline"] for r in rows if r.get("retrieval_majority_baseline")), None)
+    if floor:
+        for k, c in enumerate(categories):
+            if floor.get(c) is not None:
+                label = "majority-class floor" if k == 0 else None
+                ax.hlines(floor[c], k - 0.45, k + 0.45, colors="black", linestyles="--", linewidth=1, label=label)
+    ax.set_xticks(range(len(categories)), categories, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("retrieval accuracy")
+    ax.legend(fontsize=6, loc="upper right")
 
 
 if __name__ == "__main__":

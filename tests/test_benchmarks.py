@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from benchmarks import breakdown, common, quality, speed
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REQUIRED_SPEED_KEYS = {"model", "latency_ms", "ratio_to_unet", "params", "gmacs", "unet_reference", "peak_memory_mb"}
 
 
@@ -68,6 +69,8 @@ def test_quality_smoke_writes_all_rows(tmp_path: Path, capsys: pytest.CaptureFix
         assert 0 <= row["dice"] <= 1 and 0 <= row["iou"] <= row["dice"] + 1e-9
         has_text = name.startswith("stpnet") and not name.endswith("no-text")
         assert bool(row.get("retrieval_accuracy")) == has_text, name
+        if has_text:  # the split's majority-class floor beside the accuracy, for every category
+            assert set(row["retrieval_majority_baseline"]) == set(row["retrieval_accuracy"]), name
     assert rows["unet-c16"]["params"] < rows["stpnet-tiny-shared"]["params"] < rows["stpnet-tiny"]["params"]
 
     # a second run reuses the finished runs (same configs) instead of training again, with the same numbers
@@ -77,9 +80,33 @@ def test_quality_smoke_writes_all_rows(tmp_path: Path, capsys: pytest.CaptureFix
     assert capsys.readouterr().out.count("reusing the finished run") == 2
     assert [r["dice"] for r in again["rows"]] == [rows["unet-c16"]["dice"], rows["stpnet-tiny-shared"]["dice"]]
 
+    assert (tmp_path / "again.png").read_bytes().startswith(PNG_MAGIC)
+
+    chart = tmp_path / "quality-smoke.png"
+    chart.unlink()
     quality.main(["--show", str(tmp_path / "quality-smoke.json")])
     table = capsys.readouterr().out
     assert table.startswith("| model | dataset |") and "| stpnet-tiny-no-ssa | sample | test |" in table
+    assert "(majority-class floor)" in table
+    assert chart.read_bytes().startswith(PNG_MAGIC)  # --show charts the results file beside it
+    chart.unlink()
+    quality.main(["--show", str(tmp_path / "quality-smoke.json"), "--no-chart"])
+    assert not chart.exists()
+
+
+def test_quality_chart_from_partial_results(tmp_path: Path) -> None:
+    """A results file of a run still in progress (one seed, no retrieval rows, missing numbers) still charts."""
+    payload = {
+        "machine": {"cpu": "test cpu"},
+        "settings": {"level": "small", "preset": "stpnet-tiny"},
+        "rows": [
+            {"model": "unet-c16", "dataset": "kvasir-seg", "split": "test", "dice": 0.5, "num_images": 3,
+             "seeds": [0], "per_seed": [{"dice": 0.5}], "dice_std_over_seeds": None},
+            {"model": "stpnet-tiny-no-text", "dataset": "qata-cov19", "split": "validation", "dice": None,
+             "num_images": 2, "seeds": [0], "per_seed": [{"dice": None}]},
+        ],
+    }  # fmt: skip
+    assert quality.plot(payload, tmp_path / "q.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_breakdown_times_every_block(tmp_path: Path) -> None:
