@@ -10,9 +10,10 @@ git revision REF (extracted to a temporary folder) with the same weights, checks
 and reports both against the U-Net. `--profile` adds torch.profiler's top operators for the current model.
 
 Each row also counts the minor page faults per forward pass (fresh pages the kernel had to hand out and zero, i.e.
-memory the allocator returned and took back; Linux/macOS `getrusage`). Rerun with glibc's page return switched off
-(`MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=536870912`) to see what they
-cost each model.
+memory the allocator returned and took back; Linux/macOS `getrusage`). Rerun with `--keep-memory` (glibc keeps what
+it frees: `modeling_stpnet.cpu_memory`, what `stpnet-predict` does on CPU) or with the same settings from the
+environment (`MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=536870912`) to see
+what they cost each model.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ try:
     from . import common
 except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
+
+from modeling_stpnet.cpu_memory import keep_freed_memory  # noqa: E402  (common puts the checkout on sys.path)
 
 try:
     import resource
@@ -115,9 +118,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--baseline-ref", help="git revision whose modeling_stpnet is the 'before' model")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--keep-memory",
+        action="store_true",
+        help="keep freed memory in the process (modeling_stpnet.cpu_memory, as stpnet-predict does on CPU)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.keep_memory else False
 
     config = common.variant_config(common.preset_configs([args.preset])[args.preset], args.variant)
     name = common.variant_name(args.preset, args.variant)
@@ -131,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": common.command_line(),
         "setting": {"image_size": args.size, "batch_size": args.batch, "rounds": args.rounds, "dtype": "fp32"},
         "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "keep_freed_memory": kept,
     }
 
     with tempfile.TemporaryDirectory() as tmp:

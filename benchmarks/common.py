@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from modeling_stpnet import STPNetConfig, STPNetForSemanticSegmentation  # noqa: E402
+from modeling_stpnet.cpu_memory import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD  # noqa: E402
 from modeling_stpnet.summary import DEFAULT_PRESETS_DIR, load_presets  # noqa: E402
 from modeling_stpnet.unet import UNetConfig, UNetForSemanticSegmentation  # noqa: E402
 
@@ -163,7 +164,7 @@ class PeakMemory:
         if sys.platform.startswith("linux") and os.access("/proc/self/clear_refs", os.W_OK):
             try:
                 libc = ctypes.CDLL("libc.so.6")
-                libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: freed tensors really leave the process
+                libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)  # freed tensors really leave the process
                 self._libc = libc
                 return "Linux VmHWM (reset via /proc/self/clear_refs) - VmRSS before; glibc mmap threshold 1 MiB"
             except OSError:
@@ -193,8 +194,8 @@ class PeakMemory:
         """Give the process back glibc's steady-state behaviour (the dynamic threshold cannot be re-enabled: its
         ceiling, 32 MiB, with a trim threshold twice that, is where it settles for large tensors)."""
         if hasattr(self, "_libc"):
-            self._libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-            self._libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+            self._libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+            self._libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
     def stop(self) -> float:
         if self.device.type == "cuda":

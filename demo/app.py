@@ -32,6 +32,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from modeling_stpnet.cpu_memory import keep_freed_memory  # noqa: E402
 from modeling_stpnet.data.io import DataError  # noqa: E402
 from modeling_stpnet.predict import (  # noqa: E402
     CHECKPOINT_ENV,
@@ -39,6 +40,7 @@ from modeling_stpnet.predict import (  # noqa: E402
     load_predictor,
     prepare_image,
     resolve_checkpoint,
+    resolve_device,
 )
 from modeling_stpnet.visualize import overlay_mask  # noqa: E402
 
@@ -337,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--lock-checkpoint", action="store_true", help="hide the checkpoint choice (always on in a Space)"
     )
     args = parser.parse_args(argv)
+    if resolve_device("auto").type == "cpu":  # a serving process: faster requests, memory stays at its peak
+        keep_freed_memory()
     demo = build_demo(args.checkpoint, lock_checkpoint=args.lock_checkpoint or None)
     launch(demo, server_name=args.host, server_port=args.port, share=args.share)
 

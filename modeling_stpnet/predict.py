@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .cpu_memory import keep_freed_memory
 from .data.io import DataError, load_image, mask_to_image
 from .image_processing_stpnet import MIN_SIDE, STPNetImageProcessor
 from .visualize import overlay_mask
@@ -450,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_PIXELS,
         help=f"downscale larger images to this size (default {MAX_PIXELS})",
     )
+    parser.add_argument(
+        "--release-memory",
+        action="store_true",
+        help="on CPU, let the allocator return freed memory after every batch (slower; see cpu_memory.py)",
+    )
     return parser
 
 
@@ -467,6 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ValueError) as error:
         print(f"stpnet-predict: {error}", file=sys.stderr)
         return 2
+    if predictor.device.type == "cpu" and not args.release_memory:
+        keep_freed_memory()
     processed, skipped = run(
         predictor,
         args.inputs,

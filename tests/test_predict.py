@@ -95,13 +95,17 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def test_cli_on_a_mixed_folder(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_on_a_mixed_folder(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     files = write_bad_and_odd_files(tmp_path / "in")
     (tmp_path / "in" / ".hidden.png").write_bytes(b"ignored")
     out = tmp_path / "out"
+    kept = []  # on CPU the command keeps freed memory (tests/test_cpu_memory.py); not in the test process itself
+    monkeypatch.setattr("modeling_stpnet.predict.keep_freed_memory", lambda: kept.append(True))
     code = main(["--model", str(checkpoint), str(tmp_path / "in"), str(tmp_path / "missing.png"),
                  "--output-dir", str(out), "--batch-size", "2", "--threshold", "0.4", "--device", "cpu"])  # fmt: skip
-    assert code == 0
+    assert code == 0 and kept == [True]
     captured = capsys.readouterr()
     assert "3 processed, 3 skipped" in captured.out.splitlines()[-1]
     rows = {Path(r["file"]).name: r for r in read_csv(out / "predictions.csv")}
@@ -124,6 +128,10 @@ def test_cli_on_a_mixed_folder(checkpoint: Path, tmp_path: Path, capsys: pytest.
     assert "truncated" in skipped["corrupt.jpg"] and "unreadable image" in skipped["notes.txt"]
     assert skipped["missing.png"] == "not found"
     assert "corrupt.jpg" in captured.err and "notes.txt" in captured.err
+
+    main(["--model", str(checkpoint), str(files["good.jpg"]), "--output-dir", str(tmp_path / "out2"),
+          "--device", "cpu", "--release-memory"])  # fmt: skip
+    assert kept == [True]  # --release-memory leaves the allocator alone
 
 
 def test_cli_exit_status_when_nothing_is_processed(checkpoint: Path, tmp_path: Path) -> None:
