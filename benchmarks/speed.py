@@ -11,7 +11,7 @@ throughput, `ratio_to_unet` = median over rounds of (model time / same-round tim
 width: `unet` = base 64 for stpnet-paper, `unet-c32` for stpnet-small, `unet-c16` for stpnet-tiny), parameters,
 GMACs per image (torch.utils.flop_counter), peak memory (`common.PeakMemory`, after the timing) and the training step
 (forward + backward + AdamW, Dice+BCE, plus the retrieval losses for STPNet). On CUDA the inference rows are also
-run in bf16 and bf16 + torch.compile (`--variants` picks them on any device). Writes
+run compiled (torch.compile), in bf16 and in bf16 compiled (`--variants` picks them on any device). Writes
 `benchmarks/results/<name>.json` and `<name>.png`.
 """
 
@@ -41,7 +41,12 @@ MIN_TIMED_SECONDS = 0.05  # fast models repeat their forward pass within one tim
 
 
 # Inference variants: name -> (dtype, torch.compile). Compiling takes minutes per model on CPU.
-VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16-compile": ("bf16", True)}
+VARIANTS = {
+    "fp32": ("fp32", False),
+    "fp32-compile": ("fp32", True),
+    "bf16": ("bf16", False),
+    "bf16-compile": ("bf16", True),
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--variants",
         nargs="+",
         choices=list(VARIANTS),
-        help="inference variants (default: fp32 on CPU; fp32 bf16 bf16-compile on CUDA)",
+        help="inference variants (default: fp32 on CPU; all of them on CUDA)",
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--name", help="results file stem (default speed or speed-small)")
@@ -319,6 +324,7 @@ def print_table(payload: dict[str, Any]) -> None:
         ("model", "model", ""),
         ("mode", "mode", ""),
         ("dtype", "dtype", ""),
+        ("compiled", "compiled", ""),
         ("image_size", "px", "d"),
         ("batch_size", "batch", "d"),
         ("latency_ms", "ms", ".1f"),
@@ -329,7 +335,8 @@ def print_table(payload: dict[str, Any]) -> None:
         ("gmacs", "GMACs", ".2f"),
         ("peak_memory_mb", "peak MiB", ".0f"),
     ]
-    print(common.format_table(payload["rows"], columns))
+    rows = [{**r, "compiled": "yes" if r.get("compiled") else "no"} for r in payload["rows"]]
+    print(common.format_table(rows, columns))
     m = payload["machine"]
     print(
         f"machine: {m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads; load averages (1/5/15 min) "
