@@ -41,7 +41,8 @@ def variant_name(preset: str, variant: str) -> str:
 
 VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
     "default": {},
-    "shared": {"retrieval_backbone": "shared"},
+    # explicit, so results of runs from before the detach default (whose configs lack it) are not reused
+    "shared": {"retrieval_backbone": "shared", "shared_retrieval_detach": True},
     "no-text": {"use_text": False},
     "no-ssa": {"use_ssa": False},
 }

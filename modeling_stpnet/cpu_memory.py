@@ -30,7 +30,8 @@ def keep_freed_memory(top_pad_mib: int = 512) -> bool:
     `M_TRIM_THRESHOLD` to its maximum (the heap is never shrunk) and `M_TOP_PAD` to `top_pad_mib` (the heap grows
     in large steps). The same as starting Python with `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` and
     `MALLOC_TOP_PAD_` set. Returns True when the allocator took the settings, False where there is no glibc
-    (macOS, Windows, musl), where it does nothing.
+    (macOS, Windows, musl), where it does nothing. A best effort: where the heap cannot grow in place (it depends
+    on where other mappings landed in this process) glibc still hands out fresh pages.
     """
     if not sys.platform.startswith("linux"):
         return False

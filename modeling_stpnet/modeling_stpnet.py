@@ -246,9 +246,10 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
             features.append(self.ssa[s](x) if s < 3 else x)
 
         if self.use_text and not self.text_in_encoder:  # shared backbone: retrieve from the encoder's features
-            retrieval_logits, classifier_logits = self.retrieval(
-                self._prototypes(), shared_features=(features[4], features[3])
-            )
+            shared = (features[4], features[3])
+            if self.config.shared_retrieval_detach:
+                shared = tuple(f.detach() for f in shared)
+            retrieval_logits, classifier_logits = self.retrieval(self._prototypes(), shared_features=shared)
             prompts = self._scale_prompts(self._select_text(retrieval_logits, text_labels))
 
         transformer_maps = self.utrans(features[:4], prompts)

@@ -25,8 +25,8 @@ def faults_of_a_fresh_tensor():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(16 * 1024 * 1024).fill_(1.0)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults = [faults_of_a_fresh_tensor() for _ in range(8)]
-print(json.dumps({"kept": kept, "faults": min(faults[3:])}))
+faults = [faults_of_a_fresh_tensor() for _ in range(12)]
+print(json.dumps({"kept": kept, "faults": min(faults[3:]), "all": faults}))
 """
 
 
@@ -39,10 +39,17 @@ def probe(mode: str) -> dict:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt; a no-op elsewhere")
 def test_keep_freed_memory_removes_the_page_faults_of_reallocation() -> None:
-    kept = probe("keep")
-    if not kept["kept"]:
+    # Where the heap lands next to other mappings varies from process to process, and now and then glibc cannot
+    # grow it in place and keeps handing out fresh pages (seen once in about 40 runs here): fresh processes decide.
+    attempts = [probe("keep")]
+    if not attempts[0]["kept"]:
         pytest.skip("no glibc here (keep_freed_memory returned False)")
+    while attempts[-1]["faults"] >= pages_of(64) // 20 and len(attempts) < 4:
+        attempts.append(probe("keep"))
     default = probe("default")
-    pages = 64 * 1024 * 1024 // 4096
-    assert default["faults"] > pages // 2, default  # glibc's default: the freed 64 MiB went back to the kernel
-    assert kept["faults"] < pages // 20, kept  # kept: the second tensor reuses the first one's pages
+    assert default["faults"] > pages_of(64) // 2, default  # glibc's default: the freed 64 MiB went back to the kernel
+    assert attempts[-1]["faults"] < pages_of(64) // 20, attempts  # kept: later tensors reuse the earlier pages
+
+
+def pages_of(mib: int) -> int:
+    return mib * 1024 * 1024 // 4096

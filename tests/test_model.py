@@ -144,6 +144,19 @@ def test_segmentation_loss_reaches_retrieval() -> None:
     assert model.retrieval.logit_scale.grad is not None
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_shared_retrieval_detach_keeps_retrieval_gradients_out_of_the_encoder(detach: bool) -> None:
+    """With the shared backbone the retrieval losses reach the encoder unless `shared_retrieval_detach` is set;
+    the retrieval network itself trains either way."""
+    model = build(retrieval_backbone="shared", shared_retrieval_detach=detach).train()
+    x, _, t = blob_batch(2, 128)
+    out = model(x, text_labels=t)  # retrieval and classifier losses only
+    out.loss.backward()
+    assert model.retrieval.token_mlp[0].weight.grad.abs().sum() > 0
+    encoder_grad = model.down_blocks[3].conv[0][0].weight.grad
+    assert (encoder_grad is None or encoder_grad.abs().sum() == 0) == detach
+
+
 def test_teacher_forcing_uses_the_true_text() -> None:
     model = build(teacher_forcing_prob=1.0).train()
     x, y, t = blob_batch(2, 128)
