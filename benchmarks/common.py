@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
@@ -20,7 +19,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from modeling_stpnet import STPNetConfig, STPNetForSemanticSegmentation  # noqa: E402
-from modeling_stpnet.cpu_memory import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD  # noqa: E402
+from modeling_stpnet.cpu_memory import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, glibc  # noqa: E402
 from modeling_stpnet.summary import DEFAULT_PRESETS_DIR, load_presets  # noqa: E402
 from modeling_stpnet.unet import UNetConfig, UNetForSemanticSegmentation  # noqa: E402
 
@@ -162,14 +161,11 @@ class PeakMemory:
     def _setup(self) -> str:
         if self.device.type == "cuda":
             return "torch.cuda.max_memory_allocated - memory_allocated before"
-        if sys.platform.startswith("linux") and os.access("/proc/self/clear_refs", os.W_OK):
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)  # freed tensors really leave the process
-                self._libc = libc
-                return "Linux VmHWM (reset via /proc/self/clear_refs) - VmRSS before; glibc mmap threshold 1 MiB"
-            except OSError:
-                pass
+        libc = glibc()
+        if libc is not None and os.access("/proc/self/clear_refs", os.W_OK):
+            libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)  # freed tensors really leave the process
+            self._libc = libc
+            return "Linux VmHWM (reset via /proc/self/clear_refs) - VmRSS before; glibc mmap threshold 1 MiB"
         return "resource.getrusage ru_maxrss delta (monotone high-water mark; may under-report)"
 
     @staticmethod

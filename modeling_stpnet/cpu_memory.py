@@ -19,7 +19,7 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_MAX = 1 << 30  # blocks up to 1 GiB come from the heap, which is never trimmed below
+_MMAP_THRESHOLD_MAX = 1 << 30  # allocations below 1 GiB come from the heap instead of mappings of their own
 _INT_MAX = 2**31 - 1
 
 
@@ -33,13 +33,10 @@ def keep_freed_memory(top_pad_mib: int = 512) -> bool:
     (macOS, Windows, musl), where it does nothing. A best effort: where the heap cannot grow in place (it depends
     on where other mappings landed in this process) glibc still hands out fresh pages.
     """
-    if not sys.platform.startswith("linux"):
+    libc = glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     settings = [
         (M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX),
@@ -47,3 +44,15 @@ def keep_freed_memory(top_pad_mib: int = 512) -> bool:
         (M_TOP_PAD, min(_INT_MAX, top_pad_mib << 20)),
     ]
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc on Linux (it has `mallopt` and `malloc_trim`), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (musl has neither)
+    except (OSError, AttributeError):
+        return None
+    return libc
