@@ -58,8 +58,8 @@ BLOCKS = (
     + [f"down_blocks.{i}" for i in range(4)]
     + [f"ssa.{i}" for i in range(3)]
     + ["retrieval", "utrans"]
-    + [f"up_blocks.{i}" for i in range(4)]
-    + [f"fusions.{i}" for i in range(4)]
+    # the decoder: each scale's transformer map is brought to full size right before its fusion
+    + [n for i, s in enumerate((3, 2, 1, 0)) for n in (f"up_blocks.{i}", f"utrans.reconstruct.{s}", f"fusions.{i}")]
     + ["head"]
 )
 

@@ -252,11 +252,13 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
             retrieval_logits, classifier_logits = self.retrieval(self._prototypes(), shared_features=shared)
             prompts = self._scale_prompts(self._select_text(retrieval_logits, text_labels))
 
-        transformer_maps = self.utrans(features[:4], prompts)
+        token_maps = self.utrans(features[:4], prompts)  # (B, C_s, H/stride, W/stride)
         x = features[4]
         for i, s in enumerate((3, 2, 1, 0)):
             x = self.up_blocks[i](x, features[s])
-            x = self.fusions[i](x, transformer_maps[s])
+            # Made only now, each transformer map goes straight from cache into its fusion instead of being held
+            # (at full resolution it is as large as a decoder feature).
+            x = self.fusions[i](x, self.utrans.reconstruct[s](token_maps[s], features[s].shape[-2:]))
         logits = self.head(x)
 
         output = STPNetSegmentationOutput(

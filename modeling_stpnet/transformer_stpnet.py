@@ -97,8 +97,9 @@ class UTrans(nn.Module):
 
     Down path: for scale `s`, tokens = patch-embed(feature_s) + position embedding + projected tokens of scale
     `s-1`, then MTBlock with the scale's prompt. Up path: from the deepest scale, one self-attention block per
-    scale on its tokens plus the projected tokens of the deeper scale. Each scale's up tokens are reshaped and
-    upsampled back to that scale's feature map ("reconstruct").
+    scale on its tokens plus the projected tokens of the deeper scale. Each scale's up tokens are reshaped to the
+    token grid; `reconstruct[s]` brings them back to that scale's feature map. The model calls it right before the
+    map's fusion block, so a full-size map is never held while the others are made.
 
     Args:
         channels: widths of the four scales (e.g. 64/128/256/512).
@@ -107,7 +108,7 @@ class UTrans(nn.Module):
         use_text: `False` replaces the MTBlocks by plain self-attention blocks (the no-text ablation).
 
     Forward: four features `(B, C_s, H/2^s, W/2^s)` and four prompts `(B, L, C_s)` (or `None`) →
-    four maps of the same shapes as the features.
+    four token-grid maps `(B, C_s, H/stride, W/stride)`.
     """
 
     def __init__(
@@ -133,7 +134,7 @@ class UTrans(nn.Module):
         self.up_links = nn.ModuleList(nn.Linear(b, a) for a, b in zip(channels[:-1], channels[1:]))
         self.up_blocks = nn.ModuleList(TransformerBlock(c, num_heads, mlp_ratio) for c in channels)
         self.up_norms = nn.ModuleList(nn.LayerNorm(c) for c in channels)
-        self.reconstruct = nn.ModuleList(ConvBNReLU(c, c, kernel_size=1) for c in channels)
+        self.reconstruct = nn.ModuleList(TokenGridToMap(c) for c in channels)
 
     def _embed(self, s: int, feature: torch.Tensor) -> torch.Tensor:
         x = self.patch_embeds[s](feature)  # (B, C, h, w) on the token grid
@@ -163,19 +164,24 @@ class UTrans(nn.Module):
             b, n, c = x.shape
             # contiguous: the transposed view is channels-last in memory, and that layout would spread to the
             # full-resolution maps and make every later convolution convert it back.
-            fmap = x.transpose(1, 2).reshape(b, c, *grid).contiguous()
-            outputs[s] = self._reconstruct(s, fmap, features[s].shape[-2:])
+            outputs[s] = x.transpose(1, 2).reshape(b, c, *grid).contiguous()
         return outputs
 
-    def _reconstruct(self, s: int, fmap: torch.Tensor, size: torch.Size) -> torch.Tensor:
-        """Token grid → feature map: upsample (bilinear) → 1x1 conv → BN → ReLU.
 
-        In eval mode conv and BN are one fixed per-pixel affine map and bilinear weights sum to one, so applying
-        them on the token grid before upsampling gives the same result at a fraction of the cost (at full
-        resolution the grid has 256x fewer pixels). Training keeps the documented order, so BatchNorm's batch
-        statistics are those of the upsampled map.
-        """
-        conv, norm, act = self.reconstruct[s]
+class TokenGridToMap(ConvBNReLU):
+    """UTrans's "reconstruct" step: token-grid map → feature map, by bilinear upsampling → 1x1 conv → BN → ReLU.
+
+    `(B, C, h, w), size → (B, C, *size)`. In eval mode conv and BN are one fixed per-pixel affine map and bilinear
+    weights sum to one, so applying them on the token grid before upsampling gives the same result at a fraction of
+    the cost (at full resolution the grid has 256x fewer pixels). Training keeps the documented order, so
+    BatchNorm's batch statistics are those of the upsampled map.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, kernel_size=1)
+
+    def forward(self, fmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        conv, norm, act = self
         if self.training:
             return act(norm(conv(F.interpolate(fmap, size=size, mode="bilinear", align_corners=False))))
         return act(upsample_bilinear(norm(conv(fmap)), size))

@@ -136,11 +136,11 @@ def _randomise_batchnorm(model: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("backbone", ["shared", "resnet18"])
 def test_inference_fast_paths_compute_the_documented_function(backbone: str) -> None:
-    """SSA, FusionBlock and UTrans run cheaper code in eval mode (see their `_inference_forward`); it must give
-    the numbers of the plain (training-mode) code with BatchNorm in eval mode."""
+    """SSA, FusionBlock and TokenGridToMap run cheaper code in eval mode; it must give the numbers of the plain
+    (training-mode) code with BatchNorm in eval mode."""
     from modeling_stpnet import STPNetForSemanticSegmentation
     from modeling_stpnet.blocks import SSA, FusionBlock
-    from modeling_stpnet.transformer_stpnet import UTrans
+    from modeling_stpnet.transformer_stpnet import TokenGridToMap
 
     config = common.variant_config(common.preset_configs(["stpnet-tiny"])["stpnet-tiny"], "default")
     config.retrieval_backbone = backbone
@@ -151,7 +151,7 @@ def test_inference_fast_paths_compute_the_documented_function(backbone: str) -> 
         x = torch.randn(2, 3, 160, 128)  # non-square, and 1/8 maps smaller than the largest dilation
         fast = model(x)
         for module in model.modules():
-            if isinstance(module, (SSA, FusionBlock, UTrans)):
+            if isinstance(module, (SSA, FusionBlock, TokenGridToMap)):
                 module.training = True  # the plain code path; BatchNorm and everything else stay in eval mode
         plain = model(x)
     scale = plain.logits.abs().max()
