@@ -7,7 +7,8 @@
 Times every top-level block (stem, down blocks, SSA, retrieval, UTrans, up blocks, fusion blocks, head) with
 forward hooks, CPU fp32, interleaved rounds, medians. `--baseline-ref REF` also loads `modeling_stpnet` as it was at
 git revision REF (extracted to a temporary folder) with the same weights, checks that both give the same logits
-and reports both against the U-Net. `--profile` adds torch.profiler's top operators for the current model.
+and reports both against the U-Net and the working tree's model against REF's directly (median and interquartile
+range of the per-round ratios). `--profile` adds torch.profiler's top operators for the current model.
 
 Each row also counts the minor page faults per forward pass (fresh pages the kernel had to hand out and zero, i.e.
 memory the allocator returned and took back; Linux/macOS `getrusage`). Rerun with `--keep-memory` (glibc keeps what
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             baseline = load_baseline_package(args.baseline_ref, Path(tmp))
             before = baseline.STPNetForSemanticSegmentation(baseline.STPNetConfig(**config.to_diff_dict())).eval()
             before.load_state_dict(models[name].state_dict())
-            models[f"{name} (before: {args.baseline_ref})"] = before
+            before_name = f"{name} (before: {args.baseline_ref})"
+            models[before_name] = before
             with torch.inference_mode():
                 new, old = models[name](x), before(x)
             result["equivalence"] = {
@@ -183,19 +185,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ref = unet_spec[0]
         rows = []
         for n in names:
+            ratio, p25, p75 = common.paired_ratio(totals[n], totals[ref])
             rows.append(
                 {
                     "model": n,
                     "image_size": args.size,
                     "batch_size": args.batch,
                     "latency_ms": round(statistics.median(totals[n]) * 1e3, 2),
-                    "ratio_to_unet": round(statistics.median(a / b for a, b in zip(totals[n], totals[ref])), 3),
+                    "ratio_to_unet": round(ratio, 3),
+                    "ratio_to_unet_iqr": [round(p25, 3), round(p75, 3)],
                     "unet_reference": ref,
                     "page_faults_per_forward": int(statistics.median(faults[n])) if faults[n] else None,
                     "blocks_ms": timers[n].medians_ms(),
                 }
             )
         result["rows"] = rows
+        if args.baseline_ref:  # the change itself, paired round by round: < 1 means faster than before
+            ratio, p25, p75 = common.paired_ratio(totals[name], totals[before_name])
+            result["after_vs_before"] = {"median": round(ratio, 4), "iqr": [round(p25, 4), round(p75, 4)]}
 
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
@@ -218,7 +225,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if r["page_faults_per_forward"] is not None:
             mib = r["page_faults_per_forward"] * page_kib / 1024
             faults_text = f"  {r['page_faults_per_forward']} page faults ({mib:.0f} MiB fresh pages) per forward"
-        print(f"{r['model']:<40} {r['latency_ms']:>9.1f} ms  x{r['ratio_to_unet']:.2f} vs {ref}{faults_text}")
+        low, high = r["ratio_to_unet_iqr"]
+        ratio_text = f"x{r['ratio_to_unet']:.2f} (IQR {low:.2f}-{high:.2f}) vs {ref}"
+        print(f"{r['model']:<40} {r['latency_ms']:>9.1f} ms  {ratio_text}{faults_text}")
+    if "after_vs_before" in result:
+        change = result["after_vs_before"]
+        print(f"after / before, per round: {change['median']:.3f} (IQR {change['iqr'][0]:.3f}-{change['iqr'][1]:.3f})")
     if "equivalence" in result:
         print(f"before/after equivalence: {result['equivalence']}")
     print(

@@ -7,6 +7,7 @@ import os
 import platform
 import resource
 import shlex
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -210,6 +211,19 @@ def write_results(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """`(median, p25, p75)` of same-round ratios `times[i] / reference[i]`.
+
+    The median is robust to load that changes between rounds; the quartiles say how far single rounds moved, which
+    is what a reader needs to judge a difference of a few percent between two ratios.
+    """
+    ratios = [t / r for t, r in zip(times, reference, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    p25, median, p75 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, p25, p75
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]], markdown: bool = False) -> str:

@@ -8,7 +8,8 @@
 Per setting (image size x batch) all models run in one process, interleaved: every round times each model once,
 in a rotated order, so load from other processes hits all rows alike. Reported: median latency per forward pass,
 throughput, `ratio_to_unet` = median over rounds of (model time / same-round time of the U-Net of the model's own
-width: `unet` = base 64 for stpnet-paper, `unet-c32` for stpnet-small, `unet-c16` for stpnet-tiny), parameters,
+width: `unet` = base 64 for stpnet-paper, `unet-c32` for stpnet-small, `unet-c16` for stpnet-tiny) with the
+interquartile range of those per-round ratios, parameters,
 GMACs per image (torch.utils.flop_counter), peak memory (`common.PeakMemory`, after the timing) and the training step
 (forward + backward + AdamW, Dice+BCE, plus the retrieval losses for STPNet). On CUDA the inference rows are also
 run compiled (torch.compile), in bf16 and in bf16 compiled (`--variants` picks them on any device). Writes
@@ -119,11 +120,6 @@ def interleaved_times(steps: dict[str, Callable[[], Any]], rounds: int, device: 
             _sync(device)
             times[name].append((time.perf_counter() - t0) / inner[name])
     return times
-
-
-def paired_ratio(times: list[float], reference: list[float]) -> float:
-    """Median of same-round ratios: robust to load that changes between rounds."""
-    return statistics.median(t / r for t, r in zip(times, reference))
 
 
 def inference_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
@@ -269,6 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load_samples.append(common.load_average())
         for name, t in times.items():
             median = statistics.median(t)
+            ratio, ratio_p25, ratio_p75 = common.paired_ratio(t, times[reference[name]])
             row = {
                 "model": name,
                 "mode": setting.mode,
@@ -278,7 +275,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "batch_size": setting.batch,
                 "latency_ms": round(median * 1e3, 2),
                 "latency_ms_min": round(min(t) * 1e3, 2),
-                "ratio_to_unet": round(paired_ratio(t, times[reference[name]]), 3),
+                "ratio_to_unet": round(ratio, 3),
+                "ratio_to_unet_iqr": [round(ratio_p25, 3), round(ratio_p75, 3)],
                 "unet_reference": reference[name],
                 "gmacs": round(gmacs[name, setting.size], 3),
                 "peak_memory_mb": None,
@@ -306,6 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "notes": {
             "ratio_to_unet": "median over interleaved rounds of (model time / same-round time of the U-Net named in "
             "unet_reference: unet = base 64 for stpnet-paper, unet-c32 for stpnet-small, unet-c16 for stpnet-tiny)",
+            "ratio_to_unet_iqr": "25th and 75th percentiles of the same per-round ratios",
             "latency_ms": "median wall time of one forward pass of the whole batch (train rows: one optimiser step: "
             "forward, Dice+BCE (+ retrieval focal losses for STPNet), backward, AdamW)",
             "gmacs": "multiply-accumulates per image of one eval forward pass (torch.utils.flop_counter / 2)",
@@ -319,6 +318,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _iqr_text(iqr: list[float] | None) -> str | None:
+    return None if not iqr else f"{iqr[0]:.2f}-{iqr[1]:.2f}"
+
+
 def print_table(payload: dict[str, Any]) -> None:
     columns = [
         ("model", "model", ""),
@@ -330,12 +333,16 @@ def print_table(payload: dict[str, Any]) -> None:
         ("latency_ms", "ms", ".1f"),
         ("throughput_img_s", "img/s", ".2f"),
         ("ratio_to_unet", "x unet", ".2f"),
+        ("ratio_iqr", "IQR", ""),
         ("unet_reference", "vs", ""),
         ("params", "params", ",d"),
         ("gmacs", "GMACs", ".2f"),
         ("peak_memory_mb", "peak MiB", ".0f"),
     ]
-    rows = [{**r, "compiled": "yes" if r.get("compiled") else "no"} for r in payload["rows"]]
+    rows = [
+        {**r, "compiled": "yes" if r.get("compiled") else "no", "ratio_iqr": _iqr_text(r.get("ratio_to_unet_iqr"))}
+        for r in payload["rows"]
+    ]
     print(common.format_table(rows, columns))
     m = payload["machine"]
     print(

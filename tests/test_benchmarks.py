@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,10 @@ def test_speed_writes_rows_with_ratios(tmp_path: Path) -> None:
         assert REQUIRED_SPEED_KEYS <= set(row), row
         assert row["latency_ms"] > 0 and row["ratio_to_unet"] > 0 and row["gmacs"] > 0
         assert row["peak_memory_mb"] is not None and row["peak_memory_mb"] >= 0
+        low, high = row["ratio_to_unet_iqr"]
+        assert low <= row["ratio_to_unet"] <= high
         if row["model"] == "unet-c16":
-            assert row["ratio_to_unet"] == 1.0
+            assert row["ratio_to_unet"] == 1.0 and row["ratio_to_unet_iqr"] == [1.0, 1.0]
     assert (tmp_path / "speed-test.png").stat().st_size > 0
 
 
@@ -109,6 +112,14 @@ def test_quality_chart_from_partial_results(tmp_path: Path) -> None:
     assert quality.plot(payload, tmp_path / "q.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_paired_ratio_is_the_median_and_quartiles_of_same_round_ratios() -> None:
+    times, reference = [2.0, 3.0, 4.0, 12.0, 5.0], [1.0, 1.0, 1.0, 2.0, 1.0]  # ratios 2, 3, 4, 6, 5
+    assert common.paired_ratio(times, reference) == (4.0, 3.0, 5.0)
+    assert common.paired_ratio([3.0], [2.0]) == (1.5, 1.5, 1.5)
+    with pytest.raises(ValueError):  # rounds must pair up
+        common.paired_ratio([1.0, 2.0], [1.0])
+
+
 def test_breakdown_times_every_block(tmp_path: Path) -> None:
     out = tmp_path / "breakdown.json"
     result = breakdown.main(["--preset", "stpnet-tiny", "--size", "64", "--rounds", "1", "--json", str(out)])
@@ -120,6 +131,20 @@ def test_breakdown_times_every_block(tmp_path: Path) -> None:
         assert all(
             isinstance(r["page_faults_per_forward"], int) and r["page_faults_per_forward"] >= 0 for r in result["rows"]
         )
+
+
+@pytest.mark.skipif(not (common.ROOT / ".git").exists(), reason="needs the git history of a checkout")
+def test_breakdown_against_a_git_revision() -> None:
+    """`--baseline-ref` runs the model code of a commit beside the working tree's, with the same weights."""
+    result = breakdown.main(["--preset", "stpnet-tiny", "--size", "64", "--rounds", "3", "--baseline-ref", "HEAD"])
+    names = [r["model"] for r in result["rows"]]
+    assert names == ["unet-c16", "stpnet-tiny-shared", "stpnet-tiny-shared (before: HEAD)"]
+    change = result["after_vs_before"]
+    assert change["iqr"][0] <= change["median"] <= change["iqr"][1]
+    unchanged = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "modeling_stpnet"], cwd=common.ROOT).returncode
+    if unchanged == 0:  # the same code and weights: the same numbers
+        assert result["equivalence"]["max_abs_logit_diff"] == 0.0
+        assert result["equivalence"]["retrieved_indices_equal"]
 
 
 # ---------------------------------------------------------------------------------------------------- optimisations
