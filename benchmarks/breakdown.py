@@ -4,11 +4,12 @@
     python benchmarks/breakdown.py --preset stpnet-paper --variant shared --size 224
     python benchmarks/breakdown.py --baseline-ref HEAD --json benchmarks/results/optimisation.json --profile
 
-Times every top-level block (stem, down blocks, SSA, retrieval, UTrans, up blocks, fusion blocks, head) with
-forward hooks, CPU fp32, interleaved rounds, medians. `--baseline-ref REF` also loads `modeling_stpnet` as it was at
-git revision REF (extracted to a temporary folder) with the same weights, checks that both give the same logits
-and reports both against the U-Net and the working tree's model against REF's directly (median and interquartile
-range of the per-round ratios). `--profile` adds torch.profiler's top operators for the current model.
+Times every top-level block (stem, down blocks, SSA, retrieval, UTrans, its reconstruct steps, up blocks, fusion
+blocks, head) with forward hooks, CPU fp32, interleaved rounds, medians. `--baseline-ref REF` also loads
+`modeling_stpnet` as it was at git revision REF (extracted to a temporary folder) with the same weights, checks that
+both give the same logits and reports both against the U-Net and the working tree's model against REF's directly
+(median and interquartile range of the per-round ratios). `--profile` adds torch.profiler's top operators for the
+current model.
 
 Each row also counts the minor page faults per forward pass (fresh pages the kernel had to hand out and zero, i.e.
 memory the allocator returned and took back; Linux/macOS `getrusage`). Rerun with `--keep-memory` (glibc keeps what
