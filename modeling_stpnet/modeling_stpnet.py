@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .blocks import SSA, DoubleConv, DownBlock, FusionBlock, TextSimilarityMap, UpBlock
+from .blocks import SSA, ConvToOneChannel, DoubleConv, DownBlock, FusionBlock, TextSimilarityMap, UpBlock
 from .configuration_stpnet import STPNetConfig
 from .losses import IGNORE_INDEX, bce_loss, dice_loss, focal_loss
 from .retrieval_stpnet import TextRetrievalNetwork
@@ -124,7 +124,7 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
             [FusionBlock(ch[2], ch[3]), FusionBlock(ch[1], ch[2]), FusionBlock(ch[0], ch[1]),
              FusionBlock(ch[0], ch[0])]
         )  # fmt: skip
-        self.head = nn.Conv2d(ch[0], 1, kernel_size=1)
+        self.head = ConvToOneChannel(ch[0])
         self.post_init()
 
     # ------------------------------------------------------------------ text repository

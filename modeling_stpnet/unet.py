@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .blocks import DoubleConv, DownBlock, UpBlock
+from .blocks import ConvToOneChannel, DoubleConv, DownBlock, UpBlock
 from .losses import bce_loss, dice_loss
 from .modeling_stpnet import STPNetPreTrainedModel, STPNetSegmentationOutput
 
@@ -97,7 +97,7 @@ class UNetForSemanticSegmentation(PreTrainedModel):
             [UpBlock(ch[4], ch[3], ch[2]), UpBlock(ch[2], ch[2], ch[1]), UpBlock(ch[1], ch[1], ch[0]),
              UpBlock(ch[0], ch[0], ch[0])]
         )  # fmt: skip
-        self.head = nn.Conv2d(ch[0], 1, kernel_size=1)
+        self.head = ConvToOneChannel(ch[0])
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:

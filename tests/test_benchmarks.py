@@ -184,6 +184,25 @@ def test_inference_fast_paths_compute_the_documented_function(backbone: str) -> 
     assert torch.equal(fast.retrieved_indices, plain.retrieved_indices)
 
 
+def test_conv_to_one_channel_equals_the_convolution() -> None:
+    """The mask head and SSA's gate run as a matrix product on CPU: the outputs and gradients of `nn.Conv2d` in
+    any memory layout, and exporters still see one convolution."""
+    from modeling_stpnet.blocks import ConvToOneChannel
+
+    torch.manual_seed(0)
+    head = ConvToOneChannel(8)
+    x = torch.randn(3, 8, 10, 12, requires_grad=True)
+    out, expected = head(x), F.conv2d(x, head.weight, head.bias)
+    assert out.shape == (3, 1, 10, 12) and torch.allclose(out, expected, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, head.weight, head.bias])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, head.weight, head.bias])
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads, expected_grads))
+    channels_last = x.detach().contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(head(channels_last), expected.detach(), atol=1e-5)
+    graph = torch.export.export(head.eval(), (x.detach(),)).graph
+    assert [n.target for n in graph.nodes if n.op == "call_function"] == [torch.ops.aten.conv2d.default]
+
+
 def test_add_pointwise_conv_accumulates_in_place_and_is_counted() -> None:
     """The in-place 1x1 accumulation must equal a conv, write into `out`'s memory, and show in the GMAC count."""
     from torch.utils.flop_counter import FlopCounterMode
