@@ -5,6 +5,8 @@ Each block does one job; shapes are `(B, C, H, W)` unless a comment says otherwi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -109,15 +111,13 @@ class SSA(nn.Module):
             return self._inference_forward(x)
         y = self.reduce(x)
         spatial = y * torch.sigmoid(self.spatial_gate(self.spatial_dw(y)))  # gate: (B, 1, H, W)
-        multi_scale = y * self.scale_mix(sum(conv(y) for conv in self.dilated))
+        multi_scale = y * self.scale_mix(dilated_depthwise_sum(y, self.dilated))
         return x + self.fuse(torch.cat([spatial, multi_scale], dim=1))
 
     def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same function, cheaper on CPU, for eval mode (BatchNorm is then a fixed affine map).
 
-        * oneDNN has no fast kernel for dilated depthwise convolutions (3-10x slower than dilation 1): their sum is
-          computed as shifted multiply-adds (their backward is slower that way, so training keeps the convs; so do
-          exporters: three Conv nodes and no branching on the input size);
+        * the dilated depthwise convolutions' sum as shifted multiply-adds (`dilated_depthwise_sum`, as in training);
         * the spatial gate's depthwise 3x3 and its 1x1 conv to one channel are composed into one linear map to one
           channel (`_gate_logits`), so the depthwise output is never materialised;
         * the fusing 1x1 conv runs on the two branches separately, with BatchNorm folded into it, so neither the
@@ -126,11 +126,7 @@ class SSA(nn.Module):
         """
         y = self.reduce(x)
         gate = torch.sigmoid(self._gate_logits(y))  # (B, 1, H, W)
-        if is_tracing():
-            scales = sum(conv(y) for conv in self.dilated)
-        else:
-            scales = dilated_depthwise_sum(y, self.dilated)
-        multi_scale = self.scale_mix(scales).mul_(y)
+        multi_scale = self.scale_mix(dilated_depthwise_sum(y, self.dilated)).mul_(y)
         weight, bias = fold_batchnorm(*self.fuse)
         c = y.shape[1]
         out = F.conv2d(y, weight[:, :c]).mul_(gate).add_(bias.view(1, -1, 1, 1))
@@ -168,25 +164,87 @@ def dilated_depthwise_sum(x: torch.Tensor, convs: nn.ModuleList) -> torch.Tensor
     """`sum(conv(x) for conv in convs)` for depthwise 3x3 convs with padding = dilation, as shifted multiply-adds.
 
     Each tap adds `weight[:, 0, i, j] * x` shifted by `((i-1)d, (j-1)d)` to the overlapping window of the output
-    (zero padding contributes nothing, so no padded copy is made); the three centre taps share one unshifted
-    product, and taps that fall wholly into the padding (large dilations on small maps) are skipped.
-    `(B, C, H, W) → (B, C, H, W)`.
+    (zero padding contributes nothing, so no padded copy is made); the centre taps share one unshifted product, and
+    taps that fall wholly into the padding (large dilations on small maps) are skipped. oneDNN has no fast kernel for
+    dilated depthwise convolutions on CPU (3-10x slower than dilation 1 forward; forward + backward 1.4-3x slower
+    than this at the training shapes here), so where gradients are needed on CPU a custom autograd function computes
+    the backward from the same shifted products. Exporters (three Conv nodes, no branching on the input size) and
+    training on other devices get the convs. `(B, C, H, W) → (B, C, H, W)`.
     """
-    c, h, w = x.shape[1:]
-    center = sum(conv.weight[:, 0, 1, 1] for conv in convs).view(1, c, 1, 1)
-    bias = sum(conv.bias for conv in convs).view(1, c, 1, 1)
-    out = torch.addcmul(bias, x, center)
-    for conv in convs:
-        d = conv.dilation[0]
+    weight = torch.stack([conv.weight[:, 0] for conv in convs])  # (K, C, 3, 3)
+    bias = sum(conv.bias for conv in convs)  # (C,)
+    dilations = tuple(conv.dilation[0] for conv in convs)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    if is_tracing() or (needs_grad and x.device.type != "cpu"):
+        return sum(conv(x) for conv in convs)
+    if needs_grad:
+        return _DilatedDepthwiseSum.apply(x, weight, bias, dilations)
+    return _shifted_taps_sum(x, weight, bias, dilations)
+
+
+def _taps(dilations: tuple[int, ...], h: int, w: int) -> list[tuple[int, int, int, int, int]]:
+    """`(conv, i, j, dy, dx)` of every tap of the summed convs except the centres and those wholly in the padding."""
+    taps = []
+    for k, d in enumerate(dilations):
         for i in range(3):
             for j in range(3):
                 dy, dx = (i - 1) * d, (j - 1) * d
-                if (i == j == 1) or abs(dy) >= h or abs(dx) >= w:
-                    continue
-                target = out[:, :, max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
-                source = x[:, :, max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
-                target.addcmul_(source, conv.weight[:, 0, i, j].view(1, c, 1, 1))
+                if not (i == j == 1 or abs(dy) >= h or abs(dx) >= w):
+                    taps.append((k, i, j, dy, dx))
+    return taps
+
+
+def _windows(h: int, w: int, dy: int, dx: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Index of the output window and of the input window it reads for a tap shifted by `(dy, dx)`."""
+    out = (Ellipsis, slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), w - max(0, dx)))
+    source = (Ellipsis, slice(max(0, dy), h - max(0, -dy)), slice(max(0, dx), w - max(0, -dx)))
+    return out, source
+
+
+def _shifted_taps_sum(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilations: tuple[int, ...], reverse: bool = False
+) -> torch.Tensor:
+    """The summed depthwise convs of `weight` `(K, C, 3, 3)`; `reverse` runs every shift backwards (the adjoint)."""
+    c, h, w = x.shape[1:]
+    center = weight[:, :, 1, 1].sum(0).view(1, c, 1, 1)
+    out = x * center if bias is None else torch.addcmul(bias.view(1, c, 1, 1), x, center)
+    for k, i, j, dy, dx in _taps(dilations, h, w):
+        target, source = _windows(h, w, -dy, -dx) if reverse else _windows(h, w, dy, dx)
+        out[target].addcmul_(x[source], weight[k, :, i, j].view(1, c, 1, 1))
     return out
+
+
+class _DilatedDepthwiseSum(torch.autograd.Function):
+    """Forward and backward of `_shifted_taps_sum`: the input's gradient is the same sum with the shifts reversed;
+    a tap's weight gradient is the per-channel sum of the output gradient times the input shifted by that tap.
+    Under autocast it computes in float32 (memory-bound work, no matrix products to gain from lower precision)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilations: tuple[int, ...]
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.dilations = dilations
+        return _shifted_taps_sum(x, weight, bias, dilations)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        h, w = x.shape[-2:]
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _shifted_taps_sum(grad, weight, None, ctx.dilations, reverse=True)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros_like(weight)
+            grad_weight[:, :, 1, 1] = (grad * x).sum((0, 2, 3))  # every centre tap reads the unshifted input
+            for k, i, j, dy, dx in _taps(ctx.dilations, h, w):
+                target, source = _windows(h, w, dy, dx)
+                grad_weight[k, :, i, j] = (grad[target] * x[source]).sum((0, 2, 3))
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2, 3))
+        return grad_x, grad_weight, grad_bias, None
 
 
 def add_pointwise_conv_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

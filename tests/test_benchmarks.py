@@ -238,3 +238,24 @@ def test_dilated_depthwise_sum_matches_the_convolutions() -> None:
         with torch.no_grad():
             expected = sum(conv(x) for conv in convs)
             assert torch.allclose(dilated_depthwise_sum(x, convs), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(28, 20), (7, 9)])  # with every tap, and with taps wholly in the padding
+def test_dilated_depthwise_sum_has_the_gradients_of_the_convolutions(size: tuple[int, int]) -> None:
+    """Training uses the shifted sum's own backward on CPU: input, weight and bias gradients of the three convs."""
+    from modeling_stpnet.blocks import dilated_depthwise_sum
+
+    torch.manual_seed(0)
+    convs = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=d, dilation=d, groups=8) for d in (6, 12, 18))
+    x = torch.randn(2, 8, *size, requires_grad=True)
+    grad_out = torch.randn(2, 8, *size)
+    parameters = [x, *convs.parameters()]
+    got = torch.autograd.grad(dilated_depthwise_sum(x, convs), parameters, grad_out)
+    expected = torch.autograd.grad(sum(conv(x) for conv in convs), parameters, grad_out)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # computed in float32 under autocast, and differentiable
+        y = dilated_depthwise_sum(x.to(torch.bfloat16), convs)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert x.grad is not None and convs[0].weight.grad is not None
