@@ -3,13 +3,15 @@
 
     python benchmarks/breakdown.py --preset stpnet-paper --variant shared --size 224
     python benchmarks/breakdown.py --baseline-ref HEAD --json benchmarks/results/optimisation.json --profile
+    python benchmarks/breakdown.py --train --batch 8 --size 128 --preset stpnet-tiny --baseline-ref HEAD
 
 Times every top-level block (stem, down blocks, SSA, retrieval, UTrans, its reconstruct steps, up blocks, fusion
 blocks, head) with forward hooks, CPU fp32, interleaved rounds, medians. `--baseline-ref REF` also loads
 `modeling_stpnet` as it was at git revision REF (extracted to a temporary folder) with the same weights, checks that
 both give the same logits and reports both against the U-Net and the working tree's model against REF's directly
 (median and interquartile range of the per-round ratios). `--profile` adds torch.profiler's top operators for the
-current model.
+current model. `--train` times training steps instead (train mode, forward with the Dice + BCE and retrieval losses,
+backward; block times are then those of the forward part) and compares losses and gradients before/after.
 
 Each row also counts the minor page faults per forward pass (fresh pages the kernel had to hand out and zero, i.e.
 memory the allocator returned and took back; Linux/macOS `getrusage`). Rerun with `--keep-memory` (glibc keeps what
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--baseline-ref", help="git revision whose modeling_stpnet is the 'before' model")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators")
+    parser.add_argument("--train", action="store_true", help="time training steps (forward + losses + backward)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
         "--keep-memory",
@@ -133,14 +136,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = common.variant_config(common.preset_configs([args.preset])[args.preset], args.variant)
     name = common.variant_name(args.preset, args.variant)
     (unet_spec,) = [s for s in common.model_specs({args.preset: config}, []) if s[0].startswith("unet")]
-    models: dict[str, nn.Module] = {unet_spec[0]: unet_spec[2]().eval()}
+    models: dict[str, nn.Module] = {unet_spec[0]: unet_spec[2]().train(args.train)}
     torch.manual_seed(0)
-    models[name] = common.STPNetForSemanticSegmentation(config).eval()
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    models[name] = common.STPNetForSemanticSegmentation(config).train(args.train)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=generator)
+    targets = {  # only used with --train; the U-Net ignores the text labels
+        "labels": (torch.rand(args.batch, args.size, args.size, generator=generator) > 0.7).float(),
+        "text_labels": torch.zeros(args.batch, config.num_text_categories, dtype=torch.long),
+    }
+
+    def step(model: nn.Module) -> Any:
+        """One timed call: a forward pass, or with --train a forward with the losses and the backward."""
+        if not args.train:
+            return model(x)
+        model.zero_grad(set_to_none=True)
+        output = model(x, **targets)
+        output.loss.backward()
+        return output
+
     result: dict[str, Any] = {
         "machine": common.machine_info(torch.device("cpu")),
         "command": common.command_line(),
-        "setting": {"image_size": args.size, "batch_size": args.batch, "rounds": args.rounds, "dtype": "fp32"},
+        "setting": {
+            "mode": "train" if args.train else "inference",
+            "image_size": args.size,
+            "batch_size": args.batch,
+            "rounds": args.rounds,
+            "dtype": "fp32",
+        },
         "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "keep_freed_memory": kept,
     }
@@ -155,31 +179,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "note": "the 'before' model is modeling_stpnet at this commit; 'after' is the working tree",
             }
             baseline = load_baseline_package(args.baseline_ref, Path(tmp))
-            before = baseline.STPNetForSemanticSegmentation(baseline.STPNetConfig(**config.to_diff_dict())).eval()
-            before.load_state_dict(models[name].state_dict())
+            before = baseline.STPNetForSemanticSegmentation(baseline.STPNetConfig(**config.to_diff_dict()))
+            before.train(args.train).load_state_dict(models[name].state_dict())
             before_name = f"{name} (before: {args.baseline_ref})"
             models[before_name] = before
-            with torch.inference_mode():
-                new, old = models[name](x), before(x)
+            with torch.inference_mode(not args.train):
+                new, old = step(models[name]), step(before)
             result["equivalence"] = {
                 "max_abs_logit_diff": (new.logits - old.logits).abs().max().item(),
                 "max_abs_logit": old.logits.abs().max().item(),
                 "mask_agreement": ((new.logits > 0) == (old.logits > 0)).float().mean().item(),
                 "retrieved_indices_equal": bool(torch.equal(new.retrieved_indices, old.retrieved_indices)),
             }
+            if args.train:
+                gradients = {n: p.grad for n, p in before.named_parameters() if p.grad is not None}
+                result["equivalence"] |= {
+                    "loss_diff": abs(new.loss.item() - old.loss.item()),
+                    "max_abs_grad_diff": max(
+                        (p.grad - gradients[n]).abs().max().item() for n, p in models[name].named_parameters()
+                    ),
+                    "max_abs_grad": max(g.abs().max().item() for g in gradients.values()),
+                }
         timers = {n: BlockTimer(m, BLOCKS) for n, m in models.items()}
         totals: dict[str, list[float]] = {n: [] for n in models}
         faults: dict[str, list[int]] = {n: [] for n in models}
         names = list(models)
-        with torch.inference_mode():
+        with torch.inference_mode(not args.train):
             for m in models.values():
-                m(x)
+                step(m)
             for t in timers.values():
                 t.clear()
             for r in range(args.rounds):
                 for n in names[r % len(names) :] + names[: r % len(names)]:
                     f0, t0 = minor_faults(), time.perf_counter()
-                    models[n](x)
+                    step(models[n])
                     totals[n].append(time.perf_counter() - t0)
                     if f0 is not None:
                         faults[n].append(minor_faults() - f0)

@@ -146,6 +146,15 @@ def test_breakdown_against_a_git_revision() -> None:
         assert result["equivalence"]["max_abs_logit_diff"] == 0.0
         assert result["equivalence"]["retrieved_indices_equal"]
 
+    # training steps: losses and gradients compared too
+    argv = ["--preset", "stpnet-tiny", "--size", "64", "--batch", "2", "--rounds", "2", "--baseline-ref", "HEAD"]
+    result = breakdown.main([*argv, "--train"])
+    assert result["setting"]["mode"] == "train"
+    assert {"loss_diff", "max_abs_grad_diff", "max_abs_grad"} <= set(result["equivalence"])
+    assert result["equivalence"]["max_abs_grad"] > 0
+    if unchanged == 0:
+        assert result["equivalence"]["loss_diff"] == 0.0 and result["equivalence"]["max_abs_grad_diff"] == 0.0
+
 
 # ---------------------------------------------------------------------------------------------------- optimisations
 def _randomise_batchnorm(model: torch.nn.Module) -> None:
