@@ -11,9 +11,8 @@ throughput, `ratio_to_unet` = median over rounds of (model time / same-round tim
 width: `unet` = base 64 for stpnet-paper, `unet-c32` for stpnet-small, `unet-c16` for stpnet-tiny) with the
 interquartile range of those per-round ratios, parameters, GMACs per image (torch.utils.flop_counter), peak memory
 (`common.PeakMemory`, after the timing) and the training step (forward + backward + AdamW, Dice+BCE, plus the
-retrieval losses for STPNet). On CUDA the inference rows are also
-run compiled (torch.compile), in bf16 and in bf16 compiled (`--variants` picks them on any device). Writes
-`benchmarks/results/<name>.json` and `<name>.png`.
+retrieval losses for STPNet). On CUDA the inference rows are also run compiled (torch.compile), in bf16 and in bf16
+compiled (`--variants` picks them on any device). Writes `benchmarks/results/<name>.json` and `<name>.png`.
 """
 
 from __future__ import annotations
