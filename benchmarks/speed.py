@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import statistics
@@ -74,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", help="results file stem (default speed or speed-small)")
     parser.add_argument("--output-dir", default=str(common.RESULTS_DIR))
     parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument(
+        "--show", type=Path, metavar="JSON", help="only print a results file as a Markdown table of ratios (no run)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument(
         "--memory-all", action="store_true", help="also measure memory at the throughput batch (one more call each)"
@@ -350,6 +354,33 @@ def print_table(payload: dict[str, Any]) -> None:
     )
 
 
+def _setting_header(row: dict[str, Any]) -> str:
+    """`224 px b1`, `224 px b1 bf16 compiled`, `train 224 px b2`."""
+    extra = (f" {row['dtype']}" if row["dtype"] != "fp32" else "") + (" compiled" if row.get("compiled") else "")
+    prefix = "train " if row["mode"] == "train" else ""
+    return f"{prefix}{row['image_size']} px b{row['batch_size']}{extra}"
+
+
+def ratio_summary(payload: dict[str, Any]) -> str:
+    """A Markdown table with one row per model and one column per setting: the ratio to the U-Net of the model's
+    width with its interquartile range; then the first setting's latency and peak memory, parameters and GMACs."""
+    headers: list[str] = []
+    table: dict[str, dict[str, Any]] = {}
+    for r in payload["rows"]:
+        header = _setting_header(r)
+        if header not in headers:
+            headers.append(header)
+        entry = table.setdefault(r["model"], {"model": r["model"], "params": r["params"] / 1e6, "gmacs": r["gmacs"]})
+        iqr = _iqr_text(r.get("ratio_to_unet_iqr")) if not r["model"].startswith("unet") else None
+        entry[header] = f"{r['ratio_to_unet']:.2f}" + (f" ({iqr})" if iqr else "")
+        if header == headers[0]:
+            entry["ms"], entry["memory"] = r["latency_ms"], r.get("peak_memory_mb")
+    columns = [("model", "model", "")] + [(h, f"x U-Net, {h}", "") for h in headers]
+    columns += [("ms", f"ms, {headers[0]}", ".1f"), ("memory", f"peak MiB, {headers[0]}", ".0f")]
+    columns += [("params", "params (M)", ".2f"), ("gmacs", "GMACs", ".2f")]
+    return common.format_table(list(table.values()), columns, markdown=True)
+
+
 def plot(payload: dict[str, Any], path: Path) -> Path | None:
     try:
         import matplotlib
@@ -389,6 +420,12 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.show:
+        payload = json.loads(args.show.read_text())
+        print(ratio_summary(payload))
+        m = payload["machine"]
+        print(f"\n{m['cpu']} ({m['device']}), {m['torch_threads']} torch threads: `{payload['command']}`")
+        return payload
     payload = run(args)
     out = Path(args.output_dir)
     json_path = common.write_results(out / f"{args.name}.json", payload)

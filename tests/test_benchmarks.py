@@ -29,7 +29,7 @@ def test_model_names_and_unet_references() -> None:
     assert common.variant_name("stpnet-tiny", "no-text") == "stpnet-tiny-no-text"
 
 
-def test_speed_writes_rows_with_ratios(tmp_path: Path) -> None:
+def test_speed_writes_rows_with_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = [
         "--small", "--presets", "stpnet-tiny", "--sizes", "64", "--repeats", "2", "--throughput-batch", "2",
         "--throughput-repeats", "1", "--train-batch", "1", "--train-repeats", "1", "--threads", "1",
@@ -52,6 +52,19 @@ def test_speed_writes_rows_with_ratios(tmp_path: Path) -> None:
         if row["model"] == "unet-c16":
             assert row["ratio_to_unet"] == 1.0 and row["ratio_to_unet_iqr"] == [1.0, 1.0]
     assert (tmp_path / "speed-test.png").stat().st_size > 0
+
+    # --show prints the file as one Markdown row per model and one ratio column per setting, without running
+    capsys.readouterr()
+    speed.main(["--show", str(tmp_path / "speed-test.json")])
+    table = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    settings = {"64 px b1", "64 px b1 bf16", "64 px b2", "64 px b2 bf16", "train 64 px b1"}
+    assert header[0] == "model" and {f"x U-Net, {s}" for s in settings} <= set(header)
+    lines = {line.split("|")[1].strip(): line for line in table[2:5]}
+    assert set(lines) == {"unet-c16", "stpnet-tiny", "stpnet-tiny-shared"}
+    first = next(r for r in rows if r["model"] == "stpnet-tiny" and r["batch_size"] == 1 and r["dtype"] == "fp32")
+    low, high = first["ratio_to_unet_iqr"]
+    assert f"| {first['ratio_to_unet']:.2f} ({low:.2f}-{high:.2f}) |" in lines["stpnet-tiny"]
 
 
 def test_quality_smoke_writes_all_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
