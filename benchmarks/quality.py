@@ -3,16 +3,17 @@
 
     python benchmarks/quality.py --smoke                       # bundled sample, 3 steps per row (< 2 min; the test)
     python benchmarks/quality.py                               # small settings: both datasets, ~1 h on 2 CPU cores
-    python benchmarks/quality.py --settings full --seeds 0 1 2 --datasets kvasir-seg
+    python benchmarks/quality.py --settings full --seeds 0 1 2 --datasets kvasir-seg   # the paper's recipe, GPU
 
 Rows (per dataset): `unet` (base 64; `unet-c32`/`unet-c16` for narrower presets: the U-Net has the preset's
 width), `stpnet-<preset>` (its own retrieval backbone), `stpnet-<preset>-shared`, `stpnet-<preset>-no-text`
 (use_text=False) and `stpnet-<preset>-no-ssa` (use_ssa=False). Every row uses the same training config (data,
-split, seed, steps, augmentation, image size; `configuration/train/<dataset>-cpu.yaml` plus the settings below)
-through `modeling_stpnet.training.run_training`; only the model differs. The protocol is the config's: Kvasir-SEG
-selects on a validation split carved from the official 880 training images and reports the official 120; QaTa-COV19
-selects on a carve of its training split and reports the official valid split. Dice/IoU are per-image means on
-the reported split (original mask resolution), given as mean ± std over seeds, with the per-image std alongside;
+split, seed, steps, augmentation, image size: `configuration/train/<dataset>-cpu.yaml` plus the settings below, or
+with `--settings full` the paper's recipe `configuration/train/<dataset>.yaml` on the preset it names,
+stpnet-small) through `modeling_stpnet.training.run_training`; only the model differs. The protocol is the config's:
+Kvasir-SEG selects on a validation split carved from the official 880 training images and reports the official 120;
+QaTa-COV19 selects on a carve of its training split and reports the official valid split. Dice/IoU are per-image means
+on the reported split (original mask resolution), given as mean ± std over seeds, with the per-image std alongside;
 STPNet rows add retrieval accuracy per text category. Results: `benchmarks/results/<name>.json`, rewritten after
 every finished run (so a long background run shows its progress), and run folders under --runs-dir.
 """
@@ -37,11 +38,25 @@ except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
 
 VARIANTS = ["unet", "default", "shared", "no-text", "no-ssa"]
-DATASET_CONFIGS = {
+# The training config of each dataset: the CPU recipes (`*-cpu.yaml`: stpnet-tiny's, 128 px, AdamW, a fixed budget)
+# under the smoke and small settings, the paper's recipes (`<dataset>.yaml`: 224 px, Adam, cosine warm restarts,
+# early stopping; meant for a GPU) under the full settings.
+CPU_CONFIGS = {
     "kvasir-seg": common.ROOT / "configuration" / "train" / "kvasir-seg-cpu.yaml",
     "qata-cov19": common.ROOT / "configuration" / "train" / "qata-cov19-cpu.yaml",
     "sample": common.ROOT / "configuration" / "train" / "sample-tiny.yaml",
 }
+FULL_CONFIGS = {
+    "kvasir-seg": common.ROOT / "configuration" / "train" / "kvasir-seg.yaml",
+    "qata-cov19": common.ROOT / "configuration" / "train" / "qata-cov19.yaml",
+    "sample": common.ROOT / "configuration" / "train" / "sample-tiny.yaml",
+}
+
+
+def dataset_config(settings: str, dataset: str) -> Path:
+    return (FULL_CONFIGS if settings == "full" else CPU_CONFIGS)[dataset]
+
+
 # Overrides per settings level, on top of the dataset's training config (all rows alike).
 SETTINGS: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -65,7 +80,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "train.progress": False,
         "train.tensorboard": False,
     },
-    "full": {"train.progress": False, "train.tensorboard": False},  # the dataset configs as they are
+    "full": {"train.progress": False, "train.tensorboard": False},  # the paper recipes as they are
 }
 
 
@@ -73,8 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", choices=sorted(SETTINGS), default="small")
     parser.add_argument("--smoke", action="store_true", help="= --settings smoke --datasets sample --seeds 0")
-    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASET_CONFIGS))
-    parser.add_argument("--preset", default="stpnet-tiny", help="STPNet preset under test")
+    parser.add_argument("--datasets", nargs="+", choices=sorted(CPU_CONFIGS))
+    parser.add_argument(
+        "--preset", help="STPNet preset under test (default: stpnet-tiny; with --settings full the recipes' own)"
+    )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, help="default 0 1 (smoke: 0)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra key=value for every row")
@@ -97,7 +114,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.datasets = args.datasets or ["kvasir-seg", "qata-cov19"]
     args.seeds = args.seeds or [0, 1]
     args.name = args.name or f"quality-{args.settings}"
+    if args.preset is None:
+        args.preset = "stpnet-tiny" if args.settings != "full" else recipe_preset(parser, args.datasets)
     return args
+
+
+def recipe_preset(parser: argparse.ArgumentParser, datasets: list[str]) -> str:
+    """The preset the datasets' full-settings recipes name (they must agree: every row uses one preset)."""
+    from modeling_stpnet.training import load_train_config
+
+    presets = {d: load_train_config(dataset_config("full", d)).model.preset for d in datasets}
+    if len(set(presets.values())) > 1:
+        parser.error(f"the recipes name different presets {presets}; pick one with --preset")
+    return next(iter(presets.values()))
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -161,8 +190,10 @@ def per_image_std(run_dir: Path) -> dict[str, float | None]:
     return out
 
 
-def train_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, base_channels: int) -> dict[str, Any]:
-    from modeling_stpnet.training import load_train_config, run_training
+def row_config(args: argparse.Namespace, dataset: str, variant: str, seed: int, base_channels: int) -> tuple:
+    """`(model name, run folder, training config)` of one row: the dataset's recipe for the settings level with the
+    level's overrides, the preset, the variant's model overrides, the seed and any `--set`."""
+    from modeling_stpnet.training import apply_overrides, config_from_dict, load_train_config
 
     name = common.unet_name(base_channels) if variant == "unet" else common.variant_name(args.preset, variant)
     run_dir = Path(args.runs_dir) / args.settings / dataset / f"{name}-seed{seed}"
@@ -173,11 +204,16 @@ def train_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, b
         "train.seed": seed,
         "output_dir": str(run_dir),
     }
-    config = load_train_config(DATASET_CONFIGS[dataset], overrides)
+    config = load_train_config(dataset_config(args.settings, dataset), overrides)
     if args.overrides:
-        from modeling_stpnet.training import apply_overrides, config_from_dict
-
         config = config_from_dict(apply_overrides(config.to_dict(), args.overrides))
+    return name, run_dir, config
+
+
+def train_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, base_channels: int) -> dict[str, Any]:
+    from modeling_stpnet.training import run_training
+
+    name, run_dir, config = row_config(args, dataset, variant, seed, base_channels)
     started = time.time()
     built: dict[str, int] = {}
     result = None if args.retrain else finished_run(run_dir, config.to_yaml())
@@ -281,14 +317,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preset = common.preset_configs([args.preset])[args.preset]
     width = preset.base_channels
     payload: dict[str, Any] = {
-        "machine": common.machine_info(torch.device("cpu")),
+        "machine": common.machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "command": common.command_line(),
         "settings": {
             "level": args.settings,
             "preset": args.preset,
             "seeds": args.seeds,
             "overrides": {**SETTINGS[args.settings], "extra": args.overrides},
-            "train_configs": {d: str(DATASET_CONFIGS[d].relative_to(common.ROOT)) for d in args.datasets},
+            "train_configs": {d: str(dataset_config(args.settings, d).relative_to(common.ROOT)) for d in args.datasets},
         },
         "notes": {
             "dice/iou": "per-image means on the reported split at original resolution; mean over seeds "

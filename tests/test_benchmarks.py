@@ -67,6 +67,25 @@ def test_speed_writes_rows_with_ratios(tmp_path: Path, capsys: pytest.CaptureFix
     assert f"| {first['ratio_to_unet']:.2f} ({low:.2f}-{high:.2f}) |" in lines["stpnet-tiny"]
 
 
+def test_quality_settings_pick_the_recipe(tmp_path: Path) -> None:
+    """small: the CPU recipe on stpnet-tiny; full: the paper's GPU recipe on the preset it names."""
+    small = quality.parse_args(["--runs-dir", str(tmp_path)])
+    name, run_dir, config = quality.row_config(small, "qata-cov19", "no-ssa", 1, 16)
+    assert small.preset == "stpnet-tiny" and name == "stpnet-tiny-no-ssa"
+    assert run_dir == tmp_path / "small" / "qata-cov19" / "stpnet-tiny-no-ssa-seed1"
+    assert (config.data.image_size, config.train.max_steps, config.train.optimizer) == (128, 150, "adamw")
+    assert config.model.overrides == {"use_ssa": False} and config.train.seed == 1
+
+    full = quality.parse_args(["--settings", "full", "--runs-dir", str(tmp_path), "--set", "train.batch_size=12"])
+    assert full.preset == "stpnet-small"
+    name, _, config = quality.row_config(full, "kvasir-seg", "shared", 0, 32)
+    assert name == "stpnet-small-shared" and config.model.preset == "stpnet-small"
+    assert (config.data.image_size, config.train.optimizer, config.train.scheduler) == (224, "adam", "cosine_restarts")
+    assert config.train.early_stopping_patience == 100 and config.train.batch_size == 12
+    assert quality.row_config(full, "kvasir-seg", "unet", 0, 32)[0] == "unet-c32"
+    assert quality.parse_args(["--settings", "full", "--preset", "stpnet-paper"]).preset == "stpnet-paper"
+
+
 def test_quality_smoke_writes_all_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     quality.main(["--smoke", "--threads", "1", "--runs-dir", str(tmp_path / "runs"), "--output-dir", str(tmp_path)])
     payload = json.loads((tmp_path / "quality-smoke.json").read_text())
