@@ -3,6 +3,7 @@
 
     python benchmarks/quality.py --smoke                       # bundled sample, 3 steps per row (< 2 min; the test)
     python benchmarks/quality.py                               # small settings: both datasets, ~1 h on 2 CPU cores
+    python benchmarks/quality.py --settings cpu --variants unet --seeds 0  # a row on the CPU recipes as they are
     python benchmarks/quality.py --settings full --seeds 0 1 2 --datasets kvasir-seg   # the paper's recipe, GPU
 
 Rows (per dataset): `unet` (base 64; `unet-c32`/`unet-c16` for narrower presets: the U-Net has the preset's
@@ -80,6 +81,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "train.progress": False,
         "train.tensorboard": False,
     },
+    "cpu": {"train.progress": False, "train.tensorboard": False},  # the CPU recipes as they are (~36 min per row)
     "full": {"train.progress": False, "train.tensorboard": False},  # the paper recipes as they are
 }
 
@@ -90,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="= --settings smoke --datasets sample --seeds 0")
     parser.add_argument("--datasets", nargs="+", choices=sorted(CPU_CONFIGS))
     parser.add_argument(
-        "--preset", help="STPNet preset under test (default: stpnet-tiny; with --settings full the recipes' own)"
+        "--preset", help="STPNet preset under test (default: stpnet-tiny; with --settings cpu/full the recipes' own)"
     )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, help="default 0 1 (smoke: 0)")
@@ -115,15 +117,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.seeds = args.seeds or [0, 1]
     args.name = args.name or f"quality-{args.settings}"
     if args.preset is None:
-        args.preset = "stpnet-tiny" if args.settings != "full" else recipe_preset(parser, args.datasets)
+        args.preset = recipe_preset(parser, args.settings, args.datasets) if args.settings in ("cpu", "full") else None
+        args.preset = args.preset or "stpnet-tiny"
     return args
 
 
-def recipe_preset(parser: argparse.ArgumentParser, datasets: list[str]) -> str:
-    """The preset the datasets' full-settings recipes name (they must agree: every row uses one preset)."""
+def recipe_preset(parser: argparse.ArgumentParser, settings: str, datasets: list[str]) -> str:
+    """The preset the datasets' recipes name (they must agree: every row uses one preset)."""
     from modeling_stpnet.training import load_train_config
 
-    presets = {d: load_train_config(dataset_config("full", d)).model.preset for d in datasets}
+    presets = {d: load_train_config(dataset_config(settings, d)).model.preset for d in datasets}
     if len(set(presets.values())) > 1:
         parser.error(f"the recipes name different presets {presets}; pick one with --preset")
     return next(iter(presets.values()))

@@ -85,6 +85,11 @@ def test_quality_settings_pick_the_recipe(tmp_path: Path) -> None:
     assert quality.row_config(full, "kvasir-seg", "unet", 0, 32)[0] == "unet-c32"
     assert quality.parse_args(["--settings", "full", "--preset", "stpnet-paper"]).preset == "stpnet-paper"
 
+    cpu = quality.parse_args(["--settings", "cpu", "--runs-dir", str(tmp_path), "--datasets", "kvasir-seg"])
+    name, _, config = quality.row_config(cpu, "kvasir-seg", "unet", 0, 16)
+    assert cpu.preset == "stpnet-tiny" and name == "unet-c16"
+    assert (config.data.image_size, config.train.epochs, config.train.max_steps) == (128, 18, None)
+
 
 def test_quality_smoke_writes_all_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     quality.main(["--smoke", "--threads", "1", "--runs-dir", str(tmp_path / "runs"), "--output-dir", str(tmp_path)])
