@@ -40,7 +40,7 @@ except ImportError:  # run as a script
 
 VARIANTS = ["unet", "default", "shared", "no-text", "no-ssa"]
 # The training config of each dataset: the CPU recipes (`*-cpu.yaml`: stpnet-tiny's, 128 px, AdamW, a fixed budget)
-# under the smoke and small settings, the paper's recipes (`<dataset>.yaml`: 224 px, Adam, cosine warm restarts,
+# under the smoke, small and cpu settings, the paper's recipes (`<dataset>.yaml`: 224 px, Adam, cosine warm restarts,
 # early stopping; meant for a GPU) under the full settings.
 CPU_CONFIGS = {
     "kvasir-seg": common.ROOT / "configuration" / "train" / "kvasir-seg-cpu.yaml",
@@ -117,8 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.seeds = args.seeds or [0, 1]
     args.name = args.name or f"quality-{args.settings}"
     if args.preset is None:
-        args.preset = recipe_preset(parser, args.settings, args.datasets) if args.settings in ("cpu", "full") else None
-        args.preset = args.preset or "stpnet-tiny"
+        recipes = args.settings in ("cpu", "full")
+        args.preset = recipe_preset(parser, args.settings, args.datasets) if recipes else "stpnet-tiny"
     return args
 
 
