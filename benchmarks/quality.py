@@ -5,6 +5,7 @@
     python benchmarks/quality.py                               # small settings: both datasets, ~1 h on 2 CPU cores
     python benchmarks/quality.py --settings cpu --variants unet --seeds 0  # a row on the CPU recipes as they are
     python benchmarks/quality.py --settings full --seeds 0 1 2 --datasets kvasir-seg   # the paper's recipe, GPU
+    python benchmarks/quality.py --merge a.json b.json --name quality-cpu  # join rows trained by separate runs
 
 Rows (per dataset): `unet` (base 64; `unet-c32`/`unet-c16` for narrower presets: the U-Net has the preset's
 width), `stpnet-<preset>` (its own retrieval backbone), `stpnet-<preset>-shared`, `stpnet-<preset>-no-text`
@@ -34,11 +35,13 @@ from typing import Any
 import torch
 
 try:
-    from . import common
+    from . import common, quality_report
 except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
+    import quality_report  # type: ignore[no-redef]
 
-VARIANTS = ["unet", "default", "shared", "no-text", "no-ssa"]
+
+VARIANTS = quality_report.VARIANT_ORDER
 # The training config of each dataset: the CPU recipes (`*-cpu.yaml`: stpnet-tiny's, 128 px, AdamW, a fixed budget)
 # under the smoke, small and cpu settings, the paper's recipes (`<dataset>.yaml`: 224 px, Adam, cosine warm restarts,
 # early stopping; meant for a GPU) under the full settings.
@@ -104,6 +107,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--show", type=Path, metavar="JSON", help="only print the Markdown table of a results file (and chart it)"
     )
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", metavar="JSON",
+        help="only join results files of the same settings into <output-dir>/<name>.json (and chart it)",
+    )  # fmt: skip
     parser.add_argument("--no-chart", action="store_true", help="write no PNG chart")
     parser.add_argument(
         "--retrain", action="store_true", help="train every row again (default: reuse finished runs of the same config)"
@@ -311,8 +318,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.show:
         payload = json.loads(args.show.read_text())
-        print_table(payload, markdown=True)
-        if not args.no_chart and (chart := plot(payload, args.show.with_suffix(".png"))):
+        quality_report.print_table(payload, markdown=True)
+        if not args.no_chart and (chart := quality_report.plot(payload, args.show.with_suffix(".png"))):
+            print(f"wrote {chart}")
+        return payload
+    if args.merge:
+        try:
+            payload = quality_report.merge_results(args.merge)
+        except ValueError as error:
+            raise SystemExit(f"quality.py --merge: {error}") from None
+        out = common.write_results(Path(args.output_dir) / f"{args.name}.json", payload)
+        quality_report.print_table(payload, markdown=True)
+        print(f"wrote {out}")
+        if not args.no_chart and (chart := quality_report.plot(payload, out.with_suffix(".png"))):
             print(f"wrote {chart}")
         return payload
     if args.threads:
@@ -353,121 +371,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 common.write_results(out, payload)
     payload["status"] = "complete"
     common.write_results(out, payload)
-    print_table(payload)
+    quality_report.print_table(payload)
     print(f"wrote {out}")
-    if not args.no_chart and (chart := plot(payload, out.with_suffix(".png"))):
+    if not args.no_chart and (chart := quality_report.plot(payload, out.with_suffix(".png"))):
         print(f"wrote {chart}")
     return payload
-
-
-def print_table(payload: dict[str, Any], markdown: bool = False) -> None:
-    columns = [
-        ("model", "model", ""),
-        ("dataset", "dataset", ""),
-        ("split", "split", ""),
-        ("dice", "Dice", ".4f"),
-        ("dice_std_over_seeds", "± seeds", ".4f"),
-        ("iou", "IoU", ".4f"),
-        ("iou_std_over_seeds", "± seeds", ".4f"),
-        ("dice_std_over_images", "std img", ".3f"),
-        ("num_images", "images", "d"),
-        ("params_m", "params (M)", ".2f"),
-        ("retrieval_mean", "retrieval acc.", ".3f"),
-    ]
-    rows = [
-        {
-            **row,
-            "params_m": row["params"] / 1e6 if row.get("params") else None,
-            "retrieval_mean": (row.get("retrieval_accuracy") or {}).get("mean"),
-        }
-        for row in payload["rows"]
-    ]
-    print(common.format_table(rows, columns, markdown=markdown))
-    for row in payload["rows"]:
-        if row.get("retrieval_accuracy"):
-            floor = row.get("retrieval_majority_baseline") or {}
-            acc = ", ".join(
-                f"{c} {v:.3f}" + (f" ({floor[c]:.3f})" if floor.get(c) is not None else "")
-                for c, v in row["retrieval_accuracy"].items()
-                if v is not None
-            )
-            legend = " (majority-class floor)" if floor else ""
-            print(f"  {row['model']} on {row['dataset']}: retrieval accuracy{legend} {acc}")
-
-
-def plot(payload: dict[str, Any], path: Path) -> Path | None:
-    """Dice per model (bar: mean over seeds, whisker: ± std over seeds, dots: single seeds) and, below, retrieval
-    accuracy per text category for the rows that retrieve, with the split's majority-class floor; one column per
-    dataset."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no chart")
-        return None
-    datasets = list(dict.fromkeys(r["dataset"] for r in payload["rows"]))
-    if not datasets:
-        return None
-    with_retrieval = any(r.get("retrieval_accuracy") for r in payload["rows"])
-    n_rows = 2 if with_retrieval else 1
-    fig, axes = plt.subplots(n_rows, len(datasets), figsize=(5.2 * len(datasets), 3.4 * n_rows), squeeze=False)
-    for col, dataset in enumerate(datasets):
-        rows = [r for r in payload["rows"] if r["dataset"] == dataset]
-        ax = axes[0][col]
-        names = [r["model"] for r in rows]
-        colours = [_colour(n) for n in names]
-        ax.barh(names, [r["dice"] or 0 for r in rows], xerr=[r.get("dice_std_over_seeds") or 0 for r in rows],
-                color=colours, alpha=0.8, capsize=3)  # fmt: skip
-        for i, r in enumerate(rows):
-            seeds = [s["dice"] for s in r.get("per_seed", []) if s.get("dice") is not None]
-            ax.plot(seeds, [i] * len(seeds), "k.", markersize=4)
-            if r["dice"] is not None:
-                ax.text(0.01, i, f"{r['dice']:.3f}", va="center", fontsize=7, color="white")
-        ax.invert_yaxis()
-        ax.set_xlim(0, 1)
-        ax.set_xlabel(f"per-image Dice, {rows[0]['split']} ({rows[0]['num_images']} images)")
-        ax.set_title(f"{dataset}: seeds {', '.join(map(str, rows[0]['seeds']))}", fontsize=9)
-        if with_retrieval:
-            _plot_retrieval(axes[1][col], [r for r in rows if r.get("retrieval_accuracy")])
-    settings = payload.get("settings", {})
-    fig.suptitle(f"quality, {settings.get('level', '?')} settings ({settings.get('preset', '?')}): "
-                 f"{payload['machine']['cpu']}", fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _colour(name: str) -> str:
-    if name.startswith("unet"):
-        return "#888888"
-    return {"-shared": "#1f77b4", "-no-text": "#2ca02c", "-no-ssa": "#ff7f0e"}.get(
-        next((s for s in ("-shared", "-no-text", "-no-ssa") if name.endswith(s)), ""), "#d62728"
-    )
-
-
-def _plot_retrieval(ax: Any, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        ax.set_axis_off()
-        return
-    categories = [c for c in rows[0]["retrieval_accuracy"] if c != "mean"]
-    width = 0.8 / len(rows)
-    for i, r in enumerate(rows):
-        values = [r["retrieval_accuracy"].get(c) or 0 for c in categories]
-        ax.bar([k + (i - (len(rows) - 1) / 2) * width for k in range(len(categories))], values, width,
-               color=_colour(r["model"]), label=r["model"])  # fmt: skip
-    floor = next((r["retrieval_majority_baseline"] for r in rows if r.get("retrieval_majority_baseline")), None)
-    if floor:
-        for k, c in enumerate(categories):
-            if floor.get(c) is not None:
-                label = "majority-class floor" if k == 0 else None
-                ax.hlines(floor[c], k - 0.45, k + 0.45, colors="black", linestyles="--", linewidth=1, label=label)
-    ax.set_xticks(range(len(categories)), categories, fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("retrieval accuracy")
-    ax.legend(fontsize=6, loc="upper right")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from benchmarks import breakdown, common, quality, speed
+from benchmarks import breakdown, common, quality, quality_report, speed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REQUIRED_SPEED_KEYS = {"model", "latency_ms", "ratio_to_unet", "params", "gmacs", "unet_reference", "peak_memory_mb"}
@@ -146,7 +146,7 @@ def test_quality_chart_from_partial_results(tmp_path: Path) -> None:
              "num_images": 2, "seeds": [0], "per_seed": [{"dice": None}]},
         ],
     }  # fmt: skip
-    assert quality.plot(payload, tmp_path / "q.png").read_bytes().startswith(PNG_MAGIC)
+    assert quality_report.plot(payload, tmp_path / "q.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_paired_ratio_is_the_median_and_quartiles_of_same_round_ratios() -> None:
@@ -305,3 +305,61 @@ def test_dilated_depthwise_sum_has_the_gradients_of_the_convolutions(size: tuple
     assert y.dtype == torch.float32
     y.sum().backward()
     assert x.grad is not None and convs[0].weight.grad is not None
+
+
+def _results_file(path: Path, rows: list[tuple[str, str, str, float]], **settings: object) -> Path:
+    """A minimal quality results file: rows of `(model, variant, dataset, dice)`."""
+    payload = {
+        "machine": {"cpu": path.stem},
+        "command": f"python benchmarks/quality.py --name {path.stem}",
+        "settings": {"level": "cpu", "preset": "stpnet-tiny", "seeds": [0], "overrides": {}, **settings,
+                     "train_configs": {d: f"{d}.yaml" for _, _, d, _ in rows}},
+        "status": "complete",
+        "rows": [
+            {"model": m, "dataset": d, "split": "test", "dice": dice, "iou": dice / 2, "num_images": 4, "seeds": [0],
+             "per_seed": [{"model": m, "variant": v, "seed": 0, "dice": dice}]}
+            for m, v, d, dice in rows
+        ],
+    }  # fmt: skip
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_quality_merge_joins_separate_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first = _results_file(
+        tmp_path / "a.json",
+        [("stpnet-tiny-no-ssa", "no-ssa", "kvasir-seg", 0.6), ("unet-c16", "unet", "kvasir-seg", 0.7)],
+    )
+    second = _results_file(
+        tmp_path / "b.json",
+        [("stpnet-tiny", "default", "qata-cov19", 0.5), ("stpnet-tiny", "default", "kvasir-seg", 0.65)],
+    )
+    merged = quality.main(["--merge", str(first), str(second), "--output-dir", str(tmp_path), "--name", "joined"])
+    # datasets in order of appearance, variants in the benchmark's order within each
+    assert [(r["dataset"], r["model"]) for r in merged["rows"]] == [
+        ("kvasir-seg", "unet-c16"),
+        ("kvasir-seg", "stpnet-tiny"),
+        ("kvasir-seg", "stpnet-tiny-no-ssa"),
+        ("qata-cov19", "stpnet-tiny"),
+    ]
+    assert [s["file"] for s in merged["sources"]] == ["a.json", "b.json"]
+    assert merged["sources"][1]["machine"] == {"cpu": "b"} and merged["status"] == "complete"
+    assert set(merged["settings"]["train_configs"]) == {"kvasir-seg", "qata-cov19"}
+    assert json.loads((tmp_path / "joined.json").read_text())["rows"] == merged["rows"]
+    assert (tmp_path / "joined.png").read_bytes().startswith(PNG_MAGIC)
+    assert "| stpnet-tiny-no-ssa | kvasir-seg | test | 0.6000 |" in capsys.readouterr().out
+
+
+def test_quality_merge_refuses_rows_not_trained_alike(tmp_path: Path) -> None:
+    base = _results_file(tmp_path / "a.json", [("unet-c16", "unet", "kvasir-seg", 0.7)])
+    other_seeds = _results_file(tmp_path / "seeds.json", [("stpnet-tiny", "default", "kvasir-seg", 0.6)], seeds=[1])
+    with pytest.raises(ValueError, match=r"seeds.json and .*a.json differ in settings.seeds"):
+        quality_report.merge_results([base, other_seeds])
+    twice = _results_file(tmp_path / "twice.json", [("unet-c16", "unet", "kvasir-seg", 0.71)])
+    with pytest.raises(ValueError, match=r"unet-c16 on kvasir-seg is in both .*a.json and .*twice.json"):
+        quality_report.merge_results([base, twice])
+    (tmp_path / "speed.json").write_text(json.dumps({"machine": {}, "rows": []}))
+    with pytest.raises(ValueError, match=r"speed.json: not a quality results file"):
+        quality_report.merge_results([base, tmp_path / "speed.json"])
+    with pytest.raises(SystemExit, match=r"quality.py --merge: .*missing.json: cannot read"):
+        quality.main(["--merge", str(base), str(tmp_path / "missing.json"), "--output-dir", str(tmp_path)])

@@ -1,0 +1,187 @@
+"""Quality results files (`benchmarks/quality.py`): the table, the chart, and merging files of separate runs.
+
+Rows of one comparison are often trained by separate invocations (one per dataset or variant, side by side on
+different cores, or on different days); `merge_results` joins their files into one, refusing files whose settings
+differ, so a merged table still compares rows trained identically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+try:
+    from . import common
+except ImportError:  # run as a script
+    import common  # type: ignore[no-redef]
+
+# Row order within a dataset (the order of quality.VARIANTS).
+VARIANT_ORDER = ["unet", "default", "shared", "no-text", "no-ssa"]
+# Settings every merged file must share; train_configs may differ in which datasets they name.
+SHARED_SETTINGS = ("level", "preset", "seeds", "overrides")
+
+
+def merge_results(paths: list[Path]) -> dict[str, Any]:
+    """One results payload from several: rows of all files (a model may appear once per dataset), ordered by dataset
+    and variant, `sources` naming each file with its command and machine. Raises ValueError, naming the files, when
+    their settings differ, a row appears twice or a file is not a quality results file."""
+    if not paths:
+        raise ValueError("--merge needs at least one results file")
+    payloads = []
+    for path in paths:
+        try:
+            payload = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: cannot read a results file ({error})") from error
+        if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list) or "settings" not in payload:
+            raise ValueError(f"{path}: not a quality results file (needs 'settings' and 'rows')")
+        payloads.append(payload)
+    first, first_path = payloads[0]["settings"], paths[0]
+    for path, payload in zip(paths[1:], payloads[1:]):
+        for key in SHARED_SETTINGS:
+            if payload["settings"].get(key) != first.get(key):
+                raise ValueError(
+                    f"{path} and {first_path} differ in settings.{key} ({payload['settings'].get(key)!r} vs "
+                    f"{first.get(key)!r}): their rows were not trained identically"
+                )
+    rows: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
+    for path, payload in zip(paths, payloads):
+        for row in payload["rows"]:
+            key = (row["dataset"], row["model"])
+            if key in rows:
+                raise ValueError(f"{row['model']} on {row['dataset']} is in both {rows[key][0]} and {path}")
+            rows[key] = (path, row)
+    datasets = list(dict.fromkeys(dataset for dataset, _ in rows))
+
+    def order(item: tuple[tuple[str, str], tuple[Path, dict[str, Any]]]) -> tuple[int, int]:
+        (dataset, _), (_, row) = item
+        variant = next((s.get("variant") for s in row.get("per_seed", []) if s.get("variant")), None)
+        rank = VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER)
+        return datasets.index(dataset), rank
+
+    train_configs: dict[str, str] = {}
+    for payload in payloads:
+        train_configs.update(payload["settings"].get("train_configs") or {})
+    return {
+        "machine": payloads[0]["machine"],
+        "command": common.command_line(),
+        "sources": [
+            {"file": Path(path).name, "command": p.get("command"), "machine": p.get("machine")}
+            for path, p in zip(paths, payloads)
+        ],
+        "settings": {**first, "train_configs": train_configs},
+        "notes": payloads[0].get("notes", {}),
+        "status": "complete" if all(p.get("status") == "complete" for p in payloads) else "partial",
+        "rows": [row for _, (_, row) in sorted(rows.items(), key=order)],
+    }
+
+
+def print_table(payload: dict[str, Any], markdown: bool = False) -> None:
+    columns = [
+        ("model", "model", ""),
+        ("dataset", "dataset", ""),
+        ("split", "split", ""),
+        ("dice", "Dice", ".4f"),
+        ("dice_std_over_seeds", "± seeds", ".4f"),
+        ("iou", "IoU", ".4f"),
+        ("iou_std_over_seeds", "± seeds", ".4f"),
+        ("dice_std_over_images", "std img", ".3f"),
+        ("num_images", "images", "d"),
+        ("params_m", "params (M)", ".2f"),
+        ("retrieval_mean", "retrieval acc.", ".3f"),
+    ]
+    rows = [
+        {
+            **row,
+            "params_m": row["params"] / 1e6 if row.get("params") else None,
+            "retrieval_mean": (row.get("retrieval_accuracy") or {}).get("mean"),
+        }
+        for row in payload["rows"]
+    ]
+    print(common.format_table(rows, columns, markdown=markdown))
+    for row in payload["rows"]:
+        if row.get("retrieval_accuracy"):
+            floor = row.get("retrieval_majority_baseline") or {}
+            acc = ", ".join(
+                f"{c} {v:.3f}" + (f" ({floor[c]:.3f})" if floor.get(c) is not None else "")
+                for c, v in row["retrieval_accuracy"].items()
+                if v is not None
+            )
+            legend = " (majority-class floor)" if floor else ""
+            print(f"  {row['model']} on {row['dataset']}: retrieval accuracy{legend} {acc}")
+
+
+def plot(payload: dict[str, Any], path: Path) -> Path | None:
+    """Dice per model (bar: mean over seeds, whisker: ± std over seeds, dots: single seeds) and, below, retrieval
+    accuracy per text category for the rows that retrieve, with the split's majority-class floor; one column per
+    dataset."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart")
+        return None
+    datasets = list(dict.fromkeys(r["dataset"] for r in payload["rows"]))
+    if not datasets:
+        return None
+    with_retrieval = any(r.get("retrieval_accuracy") for r in payload["rows"])
+    n_rows = 2 if with_retrieval else 1
+    fig, axes = plt.subplots(n_rows, len(datasets), figsize=(5.2 * len(datasets), 3.4 * n_rows), squeeze=False)
+    for col, dataset in enumerate(datasets):
+        rows = [r for r in payload["rows"] if r["dataset"] == dataset]
+        ax = axes[0][col]
+        names = [r["model"] for r in rows]
+        colours = [_colour(n) for n in names]
+        ax.barh(names, [r["dice"] or 0 for r in rows], xerr=[r.get("dice_std_over_seeds") or 0 for r in rows],
+                color=colours, alpha=0.8, capsize=3)  # fmt: skip
+        for i, r in enumerate(rows):
+            seeds = [s["dice"] for s in r.get("per_seed", []) if s.get("dice") is not None]
+            ax.plot(seeds, [i] * len(seeds), "k.", markersize=4)
+            if r["dice"] is not None:
+                ax.text(0.01, i, f"{r['dice']:.3f}", va="center", fontsize=7, color="white")
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(f"per-image Dice, {rows[0]['split']} ({rows[0]['num_images']} images)")
+        ax.set_title(f"{dataset}: seeds {', '.join(map(str, rows[0]['seeds']))}", fontsize=9)
+        if with_retrieval:
+            _plot_retrieval(axes[1][col], [r for r in rows if r.get("retrieval_accuracy")])
+    settings = payload.get("settings", {})
+    fig.suptitle(f"quality, {settings.get('level', '?')} settings ({settings.get('preset', '?')}): "
+                 f"{payload['machine']['cpu']}", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _colour(name: str) -> str:
+    if name.startswith("unet"):
+        return "#888888"
+    return {"-shared": "#1f77b4", "-no-text": "#2ca02c", "-no-ssa": "#ff7f0e"}.get(
+        next((s for s in ("-shared", "-no-text", "-no-ssa") if name.endswith(s)), ""), "#d62728"
+    )
+
+
+def _plot_retrieval(ax: Any, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        ax.set_axis_off()
+        return
+    categories = [c for c in rows[0]["retrieval_accuracy"] if c != "mean"]
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        values = [r["retrieval_accuracy"].get(c) or 0 for c in categories]
+        ax.bar([k + (i - (len(rows) - 1) / 2) * width for k in range(len(categories))], values, width,
+               color=_colour(r["model"]), label=r["model"])  # fmt: skip
+    floor = next((r["retrieval_majority_baseline"] for r in rows if r.get("retrieval_majority_baseline")), None)
+    if floor:
+        for k, c in enumerate(categories):
+            if floor.get(c) is not None:
+                label = "majority-class floor" if k == 0 else None
+                ax.hlines(floor[c], k - 0.45, k + 0.45, colors="black", linestyles="--", linewidth=1, label=label)
+    ax.set_xticks(range(len(categories)), categories, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("retrieval accuracy")
+    ax.legend(fontsize=6, loc="upper right")
