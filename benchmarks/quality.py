@@ -318,9 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.show:
         payload = json.loads(args.show.read_text())
-        quality_report.print_table(payload, markdown=True)
-        if not args.no_chart and (chart := quality_report.plot(payload, args.show.with_suffix(".png"))):
-            print(f"wrote {chart}")
+        quality_report.report(payload, None if args.no_chart else args.show.with_suffix(".png"), markdown=True)
         return payload
     if args.merge:
         try:
@@ -328,10 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except ValueError as error:
             raise SystemExit(f"quality.py --merge: {error}") from None
         out = common.write_results(Path(args.output_dir) / f"{args.name}.json", payload)
-        quality_report.print_table(payload, markdown=True)
         print(f"wrote {out}")
-        if not args.no_chart and (chart := quality_report.plot(payload, out.with_suffix(".png"))):
-            print(f"wrote {chart}")
+        quality_report.report(payload, None if args.no_chart else out.with_suffix(".png"), markdown=True)
         return payload
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -371,10 +367,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 common.write_results(out, payload)
     payload["status"] = "complete"
     common.write_results(out, payload)
-    quality_report.print_table(payload)
     print(f"wrote {out}")
-    if not args.no_chart and (chart := quality_report.plot(payload, out.with_suffix(".png"))):
-        print(f"wrote {chart}")
+    quality_report.report(payload, None if args.no_chart else out.with_suffix(".png"))
     return payload
 
 

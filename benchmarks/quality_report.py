@@ -77,6 +77,13 @@ def merge_results(paths: list[Path]) -> dict[str, Any]:
     }
 
 
+def report(payload: dict[str, Any], chart: Path | None, markdown: bool = False) -> None:
+    """Print the table of a results payload and, unless `chart` is None, chart it there."""
+    print_table(payload, markdown=markdown)
+    if chart is not None and plot(payload, chart):
+        print(f"wrote {chart}")
+
+
 def print_table(payload: dict[str, Any], markdown: bool = False) -> None:
     columns = [
         ("model", "model", ""),
