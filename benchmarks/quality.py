@@ -269,51 +269,6 @@ def finished_run(run_dir: Path, config_yaml: str) -> dict[str, Any] | None:
     return result
 
 
-def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def aggregate(runs: list[dict[str, Any]], dataset: str, params: dict[str, int]) -> list[dict[str, Any]]:
-    """One row per model: mean ± std over seeds; per-image std averaged over seeds; retrieval accuracy means."""
-    rows = []
-    for name in dict.fromkeys(r["model"] for r in runs):
-        mine = [r for r in runs if r["model"] == name]
-        dice, dice_std = _mean_std([r["dice"] for r in mine])
-        iou, iou_std = _mean_std([r["iou"] for r in mine])
-        row: dict[str, Any] = {
-            "model": name,
-            "dataset": dataset,
-            "split": mine[0]["reported_split"],
-            "dice": dice,
-            "dice_std_over_seeds": dice_std,
-            "iou": iou,
-            "iou_std_over_seeds": iou_std,
-            "dice_std_over_images": _mean_std([r["per_image_std"]["dice"] for r in mine])[0],
-            "iou_std_over_images": _mean_std([r["per_image_std"]["iou"] for r in mine])[0],
-            "micro_dice": _mean_std([r["micro_dice"] for r in mine])[0],
-            "seeds": [r["seed"] for r in mine],
-            "num_images": mine[0]["num_images"],
-            "image_size": mine[0]["image_size"],
-            "params": params.get(name),
-            "per_seed": mine,
-        }
-        accuracies = [r["retrieval_accuracy"] for r in mine if r["retrieval_accuracy"]]
-        if accuracies:
-            row["retrieval_accuracy"] = {
-                c: _mean_std([a.get(c) for a in accuracies])[0] for c in accuracies[0]
-            }  # fmt: skip
-            # A property of the reported split (the same for every seed and model): the accuracy of always answering
-            # its most frequent entry, the floor a retrieval head has to beat.
-            floors = [r.get("retrieval_majority_baseline") for r in mine if r.get("retrieval_majority_baseline")]
-            if floors:
-                row["retrieval_majority_baseline"] = floors[0]
-        rows.append(row)
-    return rows
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.show:
@@ -362,7 +317,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 run = train_one(args, dataset, variant, seed, width)
                 runs[dataset].append(run)
                 params[run["model"]] = run.pop("params")
-                payload["rows"] = [row for d in args.datasets for row in aggregate(runs[d], d, params) if runs[d]]
+                payload["rows"] = [
+                    row for d in args.datasets if runs[d] for row in quality_report.aggregate(runs[d], d, params)
+                ]
                 payload["machine"]["load_average_1_5_15_min_now"] = common.load_average()
                 common.write_results(out, payload)
     payload["status"] = "complete"

@@ -1,13 +1,14 @@
 """Quality results files (`benchmarks/quality.py`): the table, the chart, and merging files of separate runs.
 
-Rows of one comparison are often trained by separate invocations (one per dataset or variant, side by side on
+Rows of one comparison are often trained by separate invocations (one per dataset, variant or seed, side by side on
 different cores, or on different days); `merge_results` joins their files into one, refusing files whose settings
-differ, so a merged table still compares rows trained identically.
+differ (other than in their seeds), so a merged table still compares rows trained identically.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,61 @@ except ImportError:  # run as a script
 
 # Row order within a dataset (the order of quality.VARIANTS).
 VARIANT_ORDER = ["unet", "default", "shared", "no-text", "no-ssa"]
-# Settings every merged file must share; train_configs may differ in which datasets they name.
-SHARED_SETTINGS = ("level", "preset", "seeds", "overrides")
+# Settings every merged file must share; train_configs may differ in which datasets they name, seeds in which seeds
+# they trained (a model's seeds from several files are pooled into one row).
+SHARED_SETTINGS = ("level", "preset", "overrides")
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(runs: list[dict[str, Any]], dataset: str, params: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per model: mean ± std over seeds; per-image std averaged over seeds; retrieval accuracy means."""
+    rows = []
+    for name in dict.fromkeys(r["model"] for r in runs):
+        mine = [r for r in runs if r["model"] == name]
+        dice, dice_std = _mean_std([r["dice"] for r in mine])
+        iou, iou_std = _mean_std([r["iou"] for r in mine])
+        row: dict[str, Any] = {
+            "model": name,
+            "dataset": dataset,
+            "split": mine[0]["reported_split"],
+            "dice": dice,
+            "dice_std_over_seeds": dice_std,
+            "iou": iou,
+            "iou_std_over_seeds": iou_std,
+            "dice_std_over_images": _mean_std([r["per_image_std"]["dice"] for r in mine])[0],
+            "iou_std_over_images": _mean_std([r["per_image_std"]["iou"] for r in mine])[0],
+            "micro_dice": _mean_std([r["micro_dice"] for r in mine])[0],
+            "seeds": [r["seed"] for r in mine],
+            "num_images": mine[0]["num_images"],
+            "image_size": mine[0]["image_size"],
+            "params": params.get(name),
+            "per_seed": mine,
+        }
+        accuracies = [r["retrieval_accuracy"] for r in mine if r["retrieval_accuracy"]]
+        if accuracies:
+            row["retrieval_accuracy"] = {
+                c: _mean_std([a.get(c) for a in accuracies])[0] for c in accuracies[0]
+            }  # fmt: skip
+            # A property of the reported split (the same for every seed and model): the accuracy of always answering
+            # its most frequent entry, the floor a retrieval head has to beat.
+            floors = [r.get("retrieval_majority_baseline") for r in mine if r.get("retrieval_majority_baseline")]
+            if floors:
+                row["retrieval_majority_baseline"] = floors[0]
+        rows.append(row)
+    return rows
 
 
 def merge_results(paths: list[Path]) -> dict[str, Any]:
-    """One results payload from several: rows of all files (a model may appear once per dataset), ordered by dataset
-    and variant, `sources` naming each file with its command and machine. Raises ValueError, naming the files, when
-    their settings differ, a row appears twice or a file is not a quality results file."""
+    """One results payload from several: rows of all files, ordered by dataset and variant, a model's seeds from
+    several files pooled into one row (mean ± std over all of them), `sources` naming each file with its command and
+    machine (a merged file's own sources in its place). Raises ValueError, naming the files, when their settings
+    other than seeds differ, a seed of a model appears twice or a file is not a quality results file."""
     if not paths:
         raise ValueError("--merge needs at least one results file")
     payloads = []
@@ -45,36 +93,62 @@ def merge_results(paths: list[Path]) -> dict[str, Any]:
                     f"{path} and {first_path} differ in settings.{key} ({payload['settings'].get(key)!r} vs "
                     f"{first.get(key)!r}): their rows were not trained identically"
                 )
-    rows: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
-    for path, payload in zip(paths, payloads):
-        for row in payload["rows"]:
-            key = (row["dataset"], row["model"])
-            if key in rows:
-                raise ValueError(f"{row['model']} on {row['dataset']} is in both {rows[key][0]} and {path}")
-            rows[key] = (path, row)
+    rows = _pool_seeds(paths, payloads)
     datasets = list(dict.fromkeys(dataset for dataset, _ in rows))
 
-    def order(item: tuple[tuple[str, str], tuple[Path, dict[str, Any]]]) -> tuple[int, int]:
-        (dataset, _), (_, row) = item
+    def order(item: tuple[tuple[str, str], dict[str, Any]]) -> tuple[int, int]:
+        (dataset, _), row = item
         variant = next((s.get("variant") for s in row.get("per_seed", []) if s.get("variant")), None)
         rank = VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER)
         return datasets.index(dataset), rank
 
+    seeds = sorted({seed for payload in payloads for seed in payload["settings"].get("seeds") or []})
     train_configs: dict[str, str] = {}
     for payload in payloads:
         train_configs.update(payload["settings"].get("train_configs") or {})
     return {
         "machine": payloads[0]["machine"],
         "command": common.command_line(),
-        "sources": [
-            {"file": Path(path).name, "command": p.get("command"), "machine": p.get("machine")}
-            for path, p in zip(paths, payloads)
-        ],
-        "settings": {**first, "train_configs": train_configs},
+        "sources": [source for path, p in zip(paths, payloads) for source in _sources(path, p)],
+        "settings": {**first, "seeds": seeds, "train_configs": train_configs},
         "notes": payloads[0].get("notes", {}),
         "status": "complete" if all(p.get("status") == "complete" for p in payloads) else "partial",
-        "rows": [row for _, (_, row) in sorted(rows.items(), key=order)],
+        "rows": [row for _, row in sorted(rows.items(), key=order)],
     }
+
+
+def _sources(path: Path, payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The file with its command and machine, or for a merged file the sources it names."""
+    return payload.get("sources") or [
+        {"file": Path(path).name, "command": payload.get("command"), "machine": payload.get("machine")}
+    ]
+
+
+def _pool_seeds(paths: list[Path], payloads: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """`{(dataset, model): row}` over all files; a model found in several files has its seeds pooled and its row
+    aggregated again from the single-seed results. Raises ValueError when one seed of a model is in two files."""
+    found: dict[tuple[str, str], list[tuple[Path, dict[str, Any]]]] = {}
+    for path, payload in zip(paths, payloads):
+        for row in payload["rows"]:
+            found.setdefault((row["dataset"], row["model"]), []).append((path, row))
+    rows = {}
+    for (dataset, model), sources in found.items():
+        if len(sources) == 1:
+            rows[dataset, model] = sources[0][1]
+            continue
+        seen: dict[int, Path] = {}
+        for path, row in sources:
+            if "per_seed" not in row:
+                raise ValueError(f"{path}: {model} on {dataset} has no per-seed results to pool with other files")
+            for run in row["per_seed"]:
+                if run["seed"] in seen:
+                    first = seen[run["seed"]]
+                    raise ValueError(f"{model} on {dataset}, seed {run['seed']}, is in both {first} and {path}")
+                seen[run["seed"]] = path
+        runs = sorted((run for _, row in sources for run in row["per_seed"]), key=lambda run: run["seed"])
+        params = {model: next((row["params"] for _, row in sources if row.get("params")), None)}
+        rows[dataset, model] = aggregate(runs, dataset, params)[0]
+    return rows
 
 
 def report(payload: dict[str, Any], chart: Path | None, markdown: bool = False) -> None:

@@ -307,19 +307,22 @@ def test_dilated_depthwise_sum_has_the_gradients_of_the_convolutions(size: tuple
     assert x.grad is not None and convs[0].weight.grad is not None
 
 
-def _results_file(path: Path, rows: list[tuple[str, str, str, float]], **settings: object) -> Path:
-    """A minimal quality results file: rows of `(model, variant, dataset, dice)`."""
+def _results_file(path: Path, rows: list[tuple[str, str, str, float]], seed: int = 0, **settings: object) -> Path:
+    """A minimal quality results file of one seed: rows of `(model, variant, dataset, dice)`."""
+    runs = [
+        {"model": m, "variant": v, "seed": seed, "dice": dice, "iou": dice / 2, "micro_dice": dice,
+         "per_image_std": {"dice": 0.1, "iou": 0.1}, "reported_split": "test", "num_images": 4, "image_size": 64,
+         "retrieval_accuracy": {"size": dice, "mean": dice} if v != "unet" else None,
+         "retrieval_majority_baseline": {"size": 0.4} if v != "unet" else None}
+        for m, v, d, dice in rows
+    ]  # fmt: skip
     payload = {
         "machine": {"cpu": path.stem},
         "command": f"python benchmarks/quality.py --name {path.stem}",
-        "settings": {"level": "cpu", "preset": "stpnet-tiny", "seeds": [0], "overrides": {}, **settings,
+        "settings": {"level": "cpu", "preset": "stpnet-tiny", "seeds": [seed], "overrides": {}, **settings,
                      "train_configs": {d: f"{d}.yaml" for _, _, d, _ in rows}},
         "status": "complete",
-        "rows": [
-            {"model": m, "dataset": d, "split": "test", "dice": dice, "iou": dice / 2, "num_images": 4, "seeds": [0],
-             "per_seed": [{"model": m, "variant": v, "seed": 0, "dice": dice}]}
-            for m, v, d, dice in rows
-        ],
+        "rows": [row for run, (_, _, d, _) in zip(runs, rows) for row in quality_report.aggregate([run], d, {})],
     }  # fmt: skip
     path.write_text(json.dumps(payload))
     return path
@@ -350,13 +353,39 @@ def test_quality_merge_joins_separate_runs(tmp_path: Path, capsys: pytest.Captur
     assert "| stpnet-tiny-no-ssa | kvasir-seg | test | 0.6000 |" in capsys.readouterr().out
 
 
+def test_quality_merge_pools_seeds_of_separate_runs(tmp_path: Path) -> None:
+    """Seed 0 of every row in one (already merged) file, seed 1 of some rows in others: pooled per model, mean ± std
+    over seeds recomputed from the single runs, rows with one seed left as they were, sources flattened."""
+    seed0 = quality_report.merge_results([
+        _results_file(tmp_path / "a0.json", [("unet-c16", "unet", "kvasir-seg", 0.7)]),
+        _results_file(tmp_path / "b0.json", [("stpnet-tiny", "default", "kvasir-seg", 0.5),
+                                             ("stpnet-tiny-shared", "shared", "kvasir-seg", 0.6)]),
+    ])  # fmt: skip
+    (tmp_path / "seed0.json").write_text(json.dumps(seed0))
+    seed1 = [
+        _results_file(tmp_path / "a1.json", [("unet-c16", "unet", "kvasir-seg", 0.8)], seed=1),
+        _results_file(tmp_path / "b1.json", [("stpnet-tiny", "default", "kvasir-seg", 0.7)], seed=1),
+    ]
+    merged = quality_report.merge_results([tmp_path / "seed0.json", *seed1])
+    rows = {r["model"]: r for r in merged["rows"]}
+    assert list(rows) == ["unet-c16", "stpnet-tiny", "stpnet-tiny-shared"]
+    assert rows["unet-c16"]["seeds"] == [0, 1] and rows["unet-c16"]["dice"] == pytest.approx(0.75)
+    assert rows["unet-c16"]["dice_std_over_seeds"] == pytest.approx(0.0707107, abs=1e-6)
+    assert rows["stpnet-tiny"]["dice"] == pytest.approx(0.6) and rows["stpnet-tiny"]["iou"] == pytest.approx(0.3)
+    assert rows["stpnet-tiny"]["retrieval_accuracy"]["size"] == pytest.approx(0.6)
+    assert rows["stpnet-tiny"]["retrieval_majority_baseline"] == {"size": 0.4}
+    assert rows["stpnet-tiny-shared"]["seeds"] == [0] and rows["stpnet-tiny-shared"]["dice_std_over_seeds"] is None
+    assert merged["settings"]["seeds"] == [0, 1]
+    assert [s["file"] for s in merged["sources"]] == ["a0.json", "b0.json", "a1.json", "b1.json"]
+
+
 def test_quality_merge_refuses_rows_not_trained_alike(tmp_path: Path) -> None:
     base = _results_file(tmp_path / "a.json", [("unet-c16", "unet", "kvasir-seg", 0.7)])
-    other_seeds = _results_file(tmp_path / "seeds.json", [("stpnet-tiny", "default", "kvasir-seg", 0.6)], seeds=[1])
-    with pytest.raises(ValueError, match=r"seeds.json and .*a.json differ in settings.seeds"):
-        quality_report.merge_results([base, other_seeds])
+    other = _results_file(tmp_path / "other.json", [("stpnet-tiny", "default", "kvasir-seg", 0.6)], preset="small")
+    with pytest.raises(ValueError, match=r"other.json and .*a.json differ in settings.preset"):
+        quality_report.merge_results([base, other])
     twice = _results_file(tmp_path / "twice.json", [("unet-c16", "unet", "kvasir-seg", 0.71)])
-    with pytest.raises(ValueError, match=r"unet-c16 on kvasir-seg is in both .*a.json and .*twice.json"):
+    with pytest.raises(ValueError, match=r"unet-c16 on kvasir-seg, seed 0, is in both .*a.json and .*twice.json"):
         quality_report.merge_results([base, twice])
     (tmp_path / "speed.json").write_text(json.dumps({"machine": {}, "rows": []}))
     with pytest.raises(ValueError, match=r"speed.json: not a quality results file"):
