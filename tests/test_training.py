@@ -4,6 +4,7 @@ augmentation, data order, config errors (CPU, offline)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -96,6 +97,8 @@ def test_training_smoke_writes_a_loadable_best_model(tiny_dataset: Path, tmp_pat
     assert [row["step"] for row in history] == [4, 8]  # one row per epoch
     assert all(np.isfinite(row["train_loss"]) and row["train_loss"] > 0 for row in history)
     assert {"train_dice_loss", "train_retrieval_loss", "val_dice", "val_iou", "val_retrieval_mean"} <= set(history[0])
+    norms = history[0]["train_segmentation_grad_norm"], history[0]["train_retrieval_grad_norm"]
+    assert all(np.isfinite(n) and n > 0 for n in norms) and history[0]["train_grad_norm"] <= sum(norms)
     assert result["best_val_dice"] == max(row["val_dice"] for row in history)
     for name in ("history.csv", "history.json", "training_curves.png", "run.json", "train.log", "train_config.yaml"):
         assert (run / name).is_file(), name
@@ -236,16 +239,69 @@ def test_model_without_text_trains_in_bf16(tiny_dataset: Path, tmp_path: Path) -
 def test_stpnet_trains_in_fp16(tiny_dataset: Path, tmp_path: Path) -> None:
     """fp16 autocast (with accelerate's loss scaling) through the whole model: retrieval, UTrans, decoder. CPU
     autocast supports fp16, so this is the code path a GPU run takes, minus the CUDA kernels."""
-    settings = {"train.max_steps": 2, "train.mixed_precision": "fp16"}
+    settings = {"train.max_steps": 2, "train.mixed_precision": "fp16", "train.clip_retrieval_separately": "true"}
     result = run_training(load_train_config(SAMPLE_CONFIG, tiny_overrides(tiny_dataset, tmp_path / "fp16", **settings)))
     assert json.loads((tmp_path / "fp16" / "run.json").read_text())["mixed_precision"] == "fp16"
     row = result["history"][-1]
     assert np.isfinite(row["train_loss"]) and np.isfinite(row["train_retrieval_loss"])
+    # the norms are taken after unscaling: those of the true gradients, not of the scaled loss's (scale 65536)
+    assert 0 < row["train_segmentation_grad_norm"] < 1000 and 0 < row["train_retrieval_grad_norm"] < 1000
     model = STPNetForSemanticSegmentation.from_pretrained(result["best_dir"])
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # master weights stay fp32
 
 
 # ---------------------------------------------------------------------------- pieces
+@pytest.mark.parametrize("use_text", [True, False])
+def test_gradient_clipping_joint_and_by_group(use_text: bool) -> None:
+    """Joint clipping is bit for bit torch's clip_grad_norm_; separate clipping brings each network's norm to the
+    limit on its own; the reported norms are those before clipping."""
+    from accelerate import Accelerator
+
+    from modeling_stpnet import STPNetConfig
+    from modeling_stpnet.training.gradients import clip_gradients, gradient_groups
+
+    torch.manual_seed(0)
+    config = STPNetConfig(base_channels=8, image_size=64, retrieval_backbone="resnet18", use_text=use_text)
+    model = STPNetForSemanticSegmentation(config).train()
+    text_labels = torch.zeros(2, config.num_text_categories, dtype=torch.long) if use_text else None
+    model(torch.randn(2, 3, 64, 64), labels=torch.ones(2, 64, 64), text_labels=text_labels).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    accelerator = Accelerator(cpu=True)
+    groups = gradient_groups(model, accelerator)
+    if not use_text:
+        assert groups is None
+        norms = clip_gradients(accelerator, model, groups, 0.5)
+        assert set(norms) == {"grad_norm"}
+        return
+    assert {n for n, p in model.named_parameters() if any(p is q for q in groups["retrieval"])} == {
+        n for n, _ in model.named_parameters() if n.startswith("retrieval.")
+    }
+
+    def group_norm(name: str) -> float:
+        return float(torch.nn.utils.get_total_norm([p.grad for p in groups[name]]))
+
+    norms = clip_gradients(accelerator, model, groups, 0.5)
+    assert norms["retrieval_grad_norm"] > 10 * norms["segmentation_grad_norm"]  # the imbalance the option is for
+    assert norms["grad_norm"] == pytest.approx(
+        math.hypot(norms["retrieval_grad_norm"], norms["segmentation_grad_norm"])
+    )
+    joint = {n: g.clone() for n, g in grads.items()}
+    reference = [torch.nn.Parameter(torch.zeros_like(g)) for g in joint.values()]
+    for p, g in zip(reference, joint.values()):
+        p.grad = g
+    torch.nn.utils.clip_grad_norm_(reference, 0.5)
+    assert all(torch.equal(p.grad, ref.grad) for p, ref in zip((model.get_parameter(n) for n in joint), reference))
+
+    for n, p in model.named_parameters():
+        if n in grads:
+            p.grad = grads[n].clone()
+    separate = clip_gradients(accelerator, model, groups, 0.5, separately=True)
+    assert separate == norms
+    assert group_norm("retrieval") == pytest.approx(0.5, rel=1e-4)
+    expected = min(norms["segmentation_grad_norm"], 0.5)
+    assert group_norm("segmentation") == pytest.approx(expected, rel=1e-4)
+
+
 def test_augmentation_moves_image_and_mask_together() -> None:
     mask = torch.zeros(64, 64)
     mask[10:30, 5:20] = 1

@@ -105,7 +105,9 @@ class TrainSection:
     ``constant``. ``epochs`` bounds training unless ``max_steps`` (optimizer steps) is set. Evaluation runs every
     ``eval_every_steps`` steps, or at the end of each epoch when 0; ``early_stopping_patience`` counts evaluations
     without a better validation Dice (0 disables). ``mixed_precision``: ``no``/``bf16``/``fp16``, or ``null`` to take
-    the launcher's (``accelerate launch --mixed_precision``).
+    the launcher's (``accelerate launch --mixed_precision``). ``max_grad_norm`` clips the gradient norm of all
+    parameters together; with ``clip_retrieval_separately`` the retrieval network's and the segmentation network's
+    gradients are clipped each to it on their own (see ``gradients.py``). The history logs the norms before clipping.
     """
 
     seed: int = 0
@@ -122,6 +124,7 @@ class TrainSection:
     warmup_steps: int = 0
     restart_epochs: float = 10.0
     max_grad_norm: float | None = 1.0
+    clip_retrieval_separately: bool = False
     mixed_precision: str | None = None
     eval_every_steps: int = 0
     early_stopping_patience: int = 100

@@ -41,6 +41,7 @@ from .checkpoints import find_checkpoint, save_best, save_checkpoint
 from .config import ConfigError, TrainConfig, config_from_dict, load_train_config, resolve_path
 from .data import EpochBatchSampler, SegmentationDataset, carve_validation_split, make_loader, model_inputs
 from .evaluation import evaluate_split, validate
+from .gradients import clip_gradients, gradient_groups
 from .logs import append_log, plot_history, scalar_items, write_history
 from .model import accepts_text_labels, build_stpnet_model, load_repository
 from .schedule import build_optimizer, build_scheduler
@@ -142,6 +143,7 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, t, self.updates_per_epoch, self.total_steps)
         # The scheduler is not prepared: Accelerate would step it once per process for each optimizer step.
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.gradient_groups = gradient_groups(self.model, self.accelerator)
         self.state = LoopState()
         self.accelerator.register_for_checkpointing(self.scheduler, self.state)
 
@@ -201,7 +203,9 @@ class Trainer:
         """Step, then evaluate / checkpoint when due. Returns True when the epoch loop must end."""
         acc, t, state = self.accelerator, self.cfg.train, self.state
         if t.max_grad_norm:
-            acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+            norms = clip_gradients(acc, self.model, self.gradient_groups, t.max_grad_norm, t.clip_retrieval_separately)
+            for name, value in norms.items():  # averaged over the steps between evaluations, like the losses
+                state.loss_sums[name] = state.loss_sums.get(name, 0.0) + value
         self.optimizer.step()
         if not acc.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
             self.scheduler.step()

@@ -1,0 +1,64 @@
+"""Gradient clipping by parameter group, with the norms it saw, for the training history.
+
+STPNet trains two networks with one optimizer: the segmentation network (Dice + BCE) and the text retrieval network
+(focal losses on its similarity and classifier logits). Their gradients differ by orders of magnitude: at
+initialisation the retrieval network's norm is about 100-140 against about 1 for the segmentation network's
+(stpnet-tiny, 8 x 128 px). Clipping their joint norm therefore lets the retrieval losses set the size of every
+segmentation step, and leaves a fifth of the segmentation gradient's elements below Adam's epsilon (1e-8).
+`clip_retrieval_separately` clips each network's norm on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+
+# Accelerate clips these itself (sharded or engine-managed gradients); the trainer then logs only the total norm.
+_ENGINE_CLIPPED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA)
+
+
+def gradient_groups(model: nn.Module, accelerator: Accelerator) -> dict[str, list[nn.Parameter]] | None:
+    """`{"segmentation": [...], "retrieval": [...]}` for a model with a `retrieval` network, else None."""
+    retrieval = getattr(accelerator.unwrap_model(model), "retrieval", None)
+    if not isinstance(retrieval, nn.Module):
+        return None
+    ids = {id(p) for p in retrieval.parameters() if p.requires_grad}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = {
+        "segmentation": [p for p in params if id(p) not in ids],
+        "retrieval": [p for p in params if id(p) in ids],
+    }
+    return groups if all(groups.values()) else None
+
+
+def clip_gradients(
+    accelerator: Accelerator,
+    model: nn.Module,
+    groups: dict[str, list[nn.Parameter]] | None,
+    max_norm: float,
+    separately: bool = False,
+) -> dict[str, float]:
+    """Clip to `max_norm` (the joint norm, or each group's own with `separately`) and return the norms before
+    clipping: `grad_norm` (all parameters) and `<group>_grad_norm` per group."""
+    if groups is None or accelerator.distributed_type in _ENGINE_CLIPPED:
+        if separately and groups is not None:
+            raise ValueError(f"clip_retrieval_separately is not supported with {accelerator.distributed_type}")
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        return {} if norm is None else {"grad_norm": float(norm)}
+    accelerator.unscale_gradients()  # fp16: the norms must be those of the true gradients (once per step)
+    norms = {
+        name: torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        for name, params in groups.items()
+    }
+    # The joint norm as torch.nn.utils.clip_grad_norm_ computes it (same tensors, same order): joint clipping is
+    # then bit for bit what it was before the groups were logged.
+    everything = list(model.parameters())
+    total = torch.nn.utils.get_total_norm([p.grad for p in everything if p.grad is not None])
+    if separately:
+        for name, params in groups.items():
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norms[name])
+    else:
+        torch.nn.utils.clip_grads_with_norm_(everything, max_norm, total)
+    return {"grad_norm": float(total), **{f"{name}_grad_norm": float(norm) for name, norm in norms.items()}}
