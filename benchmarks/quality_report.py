@@ -171,12 +171,14 @@ def print_table(payload: dict[str, Any], markdown: bool = False) -> None:
         ("num_images", "images", "d"),
         ("params_m", "params (M)", ".2f"),
         ("retrieval_mean", "retrieval acc.", ".3f"),
+        ("seed_list", "seeds", ""),
     ]
     rows = [
         {
             **row,
             "params_m": row["params"] / 1e6 if row.get("params") else None,
             "retrieval_mean": (row.get("retrieval_accuracy") or {}).get("mean"),
+            "seed_list": " ".join(map(str, row.get("seeds") or [])),
         }
         for row in payload["rows"]
     ]
@@ -226,7 +228,8 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
         ax.invert_yaxis()
         ax.set_xlim(0, 1)
         ax.set_xlabel(f"per-image Dice, {rows[0]['split']} ({rows[0]['num_images']} images)")
-        ax.set_title(f"{dataset}: seeds {', '.join(map(str, rows[0]['seeds']))}", fontsize=9)
+        seed_ids = sorted({seed for r in rows for seed in r.get("seeds") or []})
+        ax.set_title(f"{dataset}: seeds {', '.join(map(str, seed_ids))} (dots: single seeds)", fontsize=9)
         if with_retrieval:
             _plot_retrieval(axes[1][col], [r for r in rows if r.get("retrieval_accuracy")])
     settings = payload.get("settings", {})
