@@ -56,6 +56,9 @@ class STPNetConfig(PretrainedConfig):
             selection split (README, "Benchmarks").
         use_ssa (`bool`), use_text (`bool`): ablation switches (no Spatial Scale-aware modules; no text at all,
             which leaves the U-shape with its transformer branch but no prompts and no retrieval).
+        encoder_text_channel (`bool`, defaults to True): with a separate retrieval backbone, the scale's prompt
+            enters each down block as an extra text-similarity channel, as the paper; `False` is the ablation
+            without it (the prompts still reach the transformer branch and the decoder, as with `shared`).
         dice_weight, bce_weight, retrieval_weight, classifier_weight (`float`): loss weights (authors: .5, .5, 1, 1).
         focal_gamma (`float`, defaults to 2.0): focusing parameter of the retrieval focal losses.
         teacher_forcing_prob (`float`, defaults to 0.0): probability, per training batch, that the segmentation
@@ -86,6 +89,7 @@ class STPNetConfig(PretrainedConfig):
         shared_retrieval_detach: bool = True,
         use_ssa: bool = True,
         use_text: bool = True,
+        encoder_text_channel: bool = True,
         dice_weight: float = 0.5,
         bce_weight: float = 0.5,
         retrieval_weight: float = 1.0,
@@ -118,6 +122,7 @@ class STPNetConfig(PretrainedConfig):
         self.shared_retrieval_detach = shared_retrieval_detach
         self.use_ssa = use_ssa
         self.use_text = use_text
+        self.encoder_text_channel = encoder_text_channel
         self.dice_weight = dice_weight
         self.bce_weight = bce_weight
         self.retrieval_weight = retrieval_weight

@@ -94,7 +94,8 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
         ch = config.encoder_channels  # [c, 2c, 4c, 8c, 8c]
         self.use_text = config.use_text
         # The encoder sees the prompt only when retrieval can run before it (a separate retrieval backbone).
-        self.text_in_encoder = config.use_text and config.retrieval_backbone != "shared"
+        self.retrieve_first = config.use_text and config.retrieval_backbone != "shared"
+        self.text_in_encoder = self.retrieve_first and config.encoder_text_channel
 
         if config.use_text:
             self._register_text_embeddings(config)
@@ -233,7 +234,7 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
         self._check_inputs(pixel_values)
         retrieval_logits = classifier_logits = None
         prompts = None
-        if self.text_in_encoder:
+        if self.retrieve_first:
             retrieval_logits, classifier_logits = self.retrieval(self._prototypes(), pixel_values=pixel_values)
             prompts = self._scale_prompts(self._select_text(retrieval_logits, text_labels))
 
@@ -245,7 +246,7 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
             x = self.down_blocks[s](x)
             features.append(self.ssa[s](x) if s < 3 else x)
 
-        if self.use_text and not self.text_in_encoder:  # shared backbone: retrieve from the encoder's features
+        if self.use_text and not self.retrieve_first:  # shared backbone: retrieve from the encoder's features
             shared = (features[4], features[3])
             if self.config.shared_retrieval_detach:
                 shared = tuple(f.detach() for f in shared)

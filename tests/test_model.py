@@ -124,8 +124,9 @@ def test_loss_decreases_on_a_tiny_batch() -> None:
         {"use_ssa": False},
         {"use_text": False},
         {"teacher_forcing_prob": 1.0},
+        {"encoder_text_channel": False},
     ],
-    ids=["resnet18", "shared", "no-ssa", "no-text", "teacher-forcing"],
+    ids=["resnet18", "shared", "no-ssa", "no-text", "teacher-forcing", "no-encoder-text-channel"],
 )
 def test_no_dead_parameters(overrides: dict) -> None:
     model = build(**overrides).train()
@@ -133,6 +134,22 @@ def test_no_dead_parameters(overrides: dict) -> None:
     model(x, labels=y, text_labels=t).loss.backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert dead == []
+
+
+def test_encoder_text_channel_ablation() -> None:
+    """Without the encoder's text channel the separate backbone still retrieves from the pixels (its gradients are
+    checked by test_no_dead_parameters) and the prompts still reach the transformer branch; the down blocks take no
+    extra channel."""
+    full, ablated = build(), build(encoder_text_channel=False)
+    assert hasattr(full, "text_maps") and not hasattr(ablated, "text_maps")
+    assert full.down_blocks[0].conv[0][0].in_channels == ablated.down_blocks[0].conv[0][0].in_channels + 1
+    assert ablated.retrieval.backbone is not None
+    x, _, _ = blob_batch(2, 128)
+    with torch.no_grad():
+        out = ablated.eval()(x)
+        ablated.utrans.down_blocks[0].text_to_positions.kv.bias.add_(1.0)  # the prompt's path into UTrans
+        assert not torch.allclose(ablated(x).logits, out.logits)
+    assert out.retrieved_indices.shape == (2, ablated.config.num_text_categories)
 
 
 def test_segmentation_loss_reaches_retrieval() -> None:
