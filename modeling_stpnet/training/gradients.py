@@ -2,10 +2,10 @@
 
 STPNet trains two networks with one optimizer: the segmentation network (Dice + BCE) and the text retrieval network
 (focal losses on its similarity and classifier logits). Their gradients differ widely: at initialisation the
-retrieval network's norm is tens of times the segmentation network's, and over the first 100 steps of stpnet-tiny's
-600-step Kvasir-SEG run it averages 5.9 against 2.3, later 1.5-3.2 against 1.0-1.2. Clipping their joint norm lets the retrieval losses set the
-size of every segmentation step; `clip_retrieval_separately` clips each network's norm on its own (measured: no
-better selection Dice at 600 steps, README "Gradient clipping").
+retrieval network's norm is tens of times the segmentation network's, and in stpnet-tiny's 600-step Kvasir-SEG run
+it averages 5.9 against 2.3 over the first 100 steps, later 1.5-3.2 against 1.0-1.2. Clipping their joint norm lets
+the retrieval losses set the size of every segmentation step; `clip_retrieval_separately` clips each network's
+norm on its own (measured: no better selection Dice at 600 steps, README "Gradient clipping").
 """
 
 from __future__ import annotations
