@@ -56,6 +56,9 @@ class STPNetConfig(PretrainedConfig):
             selection split (README, "Benchmarks").
         use_ssa (`bool`), use_text (`bool`): ablation switches (no Spatial Scale-aware modules; no text at all,
             which leaves the U-shape with its transformer branch but no prompts and no retrieval).
+        ssa_dilations (`list[int]`, defaults to `[6, 12, 18]`): dilations of the SSA modules' parallel depthwise
+            convolutions, the paper's for 224 px inputs (SSA runs at 1/2, 1/4 and 1/8 resolution, so a dilation
+            larger than the map leaves only the centre tap).
         encoder_text_channel (`bool`, defaults to True): with a separate retrieval backbone, the scale's prompt
             enters each down block as an extra text-similarity channel, as the paper; `False` is the ablation
             without it (the prompts still reach the transformer branch and the decoder, as with `shared`).
@@ -89,6 +92,7 @@ class STPNetConfig(PretrainedConfig):
         shared_retrieval_detach: bool = True,
         use_ssa: bool = True,
         use_text: bool = True,
+        ssa_dilations: list[int] | None = None,
         encoder_text_channel: bool = True,
         dice_weight: float = 0.5,
         bce_weight: float = 0.5,
@@ -122,6 +126,7 @@ class STPNetConfig(PretrainedConfig):
         self.shared_retrieval_detach = shared_retrieval_detach
         self.use_ssa = use_ssa
         self.use_text = use_text
+        self.ssa_dilations = list(ssa_dilations) if ssa_dilations is not None else [6, 12, 18]
         self.encoder_text_channel = encoder_text_channel
         self.dice_weight = dice_weight
         self.bce_weight = bce_weight
@@ -162,6 +167,12 @@ class STPNetConfig(PretrainedConfig):
         for name, value in positive_ints.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"STPNetConfig.{name} must be a positive integer, got {value!r}")
+        if not self.ssa_dilations or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in self.ssa_dilations
+        ):
+            raise ValueError(
+                f"STPNetConfig.ssa_dilations must be a non-empty list of positive integers, got {self.ssa_dilations!r}"
+            )
         if self.image_size % 32:
             raise ValueError(f"STPNetConfig.image_size must be a multiple of 32, got {self.image_size}")
         if self.token_stride not in (16, 32):

@@ -107,7 +107,9 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
 
         self.stem = DoubleConv(config.num_channels, ch[0])
         self.down_blocks = nn.ModuleList(DownBlock(ch[s] + extra, ch[s + 1]) for s in range(4))
-        self.ssa = nn.ModuleList(SSA(c) if config.use_ssa else nn.Identity() for c in ch[1:4])
+        self.ssa = nn.ModuleList(
+            SSA(c, tuple(config.ssa_dilations)) if config.use_ssa else nn.Identity() for c in ch[1:4]
+        )
         self.utrans = UTrans(
             ch[:4],
             config.image_size,

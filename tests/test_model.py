@@ -152,6 +152,20 @@ def test_encoder_text_channel_ablation() -> None:
     assert out.retrieved_indices.shape == (2, ablated.config.num_text_categories)
 
 
+def test_ssa_dilations_reach_the_modules_and_survive_save_load(tmp_path: Path) -> None:
+    """The dilations are a config field (scaled for small inputs); configs saved before the field existed load
+    with the paper's 6, 12, 18."""
+    model = build(ssa_dilations=[2, 4, 6])
+    assert all([conv.dilation[0] for conv in ssa.dilated] == [2, 4, 6] for ssa in model.ssa)
+    model.save_pretrained(tmp_path)
+    reloaded = STPNetForSemanticSegmentation.from_pretrained(tmp_path)
+    assert reloaded.config.ssa_dilations == [2, 4, 6]
+    assert [conv.dilation[0] for conv in reloaded.ssa[2].dilated] == [2, 4, 6]
+    old = json.loads((tmp_path / "config.json").read_text())
+    del old["ssa_dilations"]
+    assert STPNetConfig(**old).ssa_dilations == [6, 12, 18]
+
+
 def test_segmentation_loss_reaches_retrieval() -> None:
     """The straight-through choice lets the mask loss train the retrieval network (the authors' code did not)."""
     model = build().train()
@@ -237,6 +251,8 @@ def test_bad_pixel_values_and_labels() -> None:
         ("teacher_forcing_prob", 1.5, "teacher_forcing_prob"),
         ("text_sentences", [["only one"], ["a", "b"], ["a", "b"], ["a", "b"]], "at least 2"),
         ("text_categories", ["a", "b"], "category names but"),
+        ("ssa_dilations", [], "ssa_dilations"),
+        ("ssa_dilations", [3, 0], "ssa_dilations"),
     ],
 )
 def test_config_validation(field: str, value, match: str) -> None:
