@@ -165,11 +165,9 @@ class STPNetConfig(PretrainedConfig):
             "retrieval_top_k": self.retrieval_top_k,
         }
         for name, value in positive_ints.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_positive_int(value):
                 raise ValueError(f"STPNetConfig.{name} must be a positive integer, got {value!r}")
-        if not self.ssa_dilations or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in self.ssa_dilations
-        ):
+        if not self.ssa_dilations or not all(_is_positive_int(d) for d in self.ssa_dilations):
             raise ValueError(
                 f"STPNetConfig.ssa_dilations must be a non-empty list of positive integers, got {self.ssa_dilations!r}"
             )
@@ -195,3 +193,8 @@ class STPNetConfig(PretrainedConfig):
         if not 0.0 <= self.teacher_forcing_prob <= 1.0:
             raise ValueError(f"STPNetConfig.teacher_forcing_prob must be in [0, 1], got {self.teacher_forcing_prob}")
         validate_repository(self.text_categories, self.text_sentences)
+
+
+def _is_positive_int(value: Any) -> bool:
+    """True for an `int` of at least 1 (booleans are ints in Python but never a valid count or size here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
