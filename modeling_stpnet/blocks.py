@@ -92,10 +92,13 @@ class SSA(nn.Module):
     * spatial attention: depthwise 3x3 → 1x1 to one channel → sigmoid gate on the features;
     * multi-scale gating: depthwise 3x3 convs with dilations 6, 12, 18, summed, 1x1 conv, multiplied with its input.
 
-    Shape preserving: `(B, C, H, W) → (B, C, H, W)`.
+    Shape preserving: `(B, C, H, W) → (B, C, H, W)`. `zero_init_residual` marks the fusing BatchNorm so that
+    `STPNetPreTrainedModel._init_weights` starts its scale at zero: the module then starts as the identity.
     """
 
-    def __init__(self, channels: int, dilations: tuple[int, ...] = (6, 12, 18)) -> None:
+    def __init__(
+        self, channels: int, dilations: tuple[int, ...] = (6, 12, 18), zero_init_residual: bool = False
+    ) -> None:
         super().__init__()
         self.reduce = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU(inplace=True))
         self.spatial_dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
@@ -105,6 +108,7 @@ class SSA(nn.Module):
         )
         self.scale_mix = nn.Conv2d(channels, channels, 1)
         self.fuse = nn.Sequential(nn.Conv2d(2 * channels, channels, 1, bias=False), nn.BatchNorm2d(channels))
+        self.fuse[1].zero_init = zero_init_residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:

@@ -64,7 +64,9 @@ class STPNetPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
-            init.ones_(module.weight)
+            # A module without parameters of its own (SSA) never reaches this method as remote code, so the norm
+            # carries the flag.
+            (init.zeros_ if getattr(module, "zero_init", False) else init.ones_)(module.weight)
             init.zeros_(module.bias)
             if getattr(module, "running_mean", None) is not None:
                 init.zeros_(module.running_mean)
@@ -108,7 +110,10 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
         self.stem = DoubleConv(config.num_channels, ch[0])
         self.down_blocks = nn.ModuleList(DownBlock(ch[s] + extra, ch[s + 1]) for s in range(4))
         self.ssa = nn.ModuleList(
-            SSA(c, tuple(config.ssa_dilations)) if config.use_ssa else nn.Identity() for c in ch[1:4]
+            SSA(c, tuple(config.ssa_dilations), zero_init_residual=config.zero_init_ssa)
+            if config.use_ssa
+            else nn.Identity()
+            for c in ch[1:4]
         )
         self.utrans = UTrans(
             ch[:4],

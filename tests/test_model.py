@@ -166,6 +166,31 @@ def test_ssa_dilations_reach_the_modules_and_survive_save_load(tmp_path: Path) -
     assert STPNetConfig(**old).ssa_dilations == [6, 12, 18]
 
 
+def test_zero_init_ssa_starts_every_ssa_as_the_identity_and_keeps_trained_weights(tmp_path: Path) -> None:
+    """`zero_init_ssa` zeroes the fusing BatchNorm's scale of a fresh model only: each SSA then returns its input
+    exactly (train and eval), the scale still gets a gradient, and a saved model loads with its trained scale."""
+    model = build(zero_init_ssa=True).train()
+    inputs = []
+    hooks = [ssa.register_forward_hook(lambda m, i, o: inputs.append((i[0], o))) for ssa in model.ssa]
+    x, y, t = blob_batch(2, 128)
+    model(x, labels=y, text_labels=t).loss.backward()
+    assert len(inputs) == 3 and all(torch.equal(i, o) for i, o in inputs)
+    assert all(ssa.fuse[1].weight.grad.abs().sum() > 0 for ssa in model.ssa)
+    model.eval()
+    with torch.no_grad():
+        ssa = model.ssa[0]
+        features = torch.randn(1, ssa.reduce[0].in_channels, 16, 16)
+        torch.testing.assert_close(ssa(features), features)
+        ssa.fuse[1].weight.fill_(0.5)  # as if trained
+    for hook in hooks:
+        hook.remove()
+    model.save_pretrained(tmp_path)
+    reloaded = STPNetForSemanticSegmentation.from_pretrained(tmp_path)
+    assert reloaded.config.zero_init_ssa
+    assert torch.equal(reloaded.ssa[0].fuse[1].weight, torch.full_like(reloaded.ssa[0].fuse[1].weight, 0.5))
+    assert all(ssa.fuse[1].weight.abs().sum() > 0 for ssa in build().ssa)  # the default keeps BatchNorm's ones
+
+
 def test_segmentation_loss_reaches_retrieval() -> None:
     """The straight-through choice lets the mask loss train the retrieval network (the authors' code did not)."""
     model = build().train()
