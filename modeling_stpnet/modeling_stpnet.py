@@ -74,9 +74,6 @@ class STPNetPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.num_batches_tracked)
         elif isinstance(module, TextRetrievalNetwork):
             init.constant_(module.logit_scale, float(torch.log(torch.tensor(1 / 0.07))))
-        if hasattr(module, "position_embeddings") and isinstance(module.position_embeddings, nn.ParameterList):
-            for p in module.position_embeddings:
-                init.trunc_normal_(p, std=0.02)
 
 
 class STPNetForSemanticSegmentation(STPNetPreTrainedModel):

@@ -127,6 +127,7 @@ class UTrans(nn.Module):
         self.patch_embeds = nn.ModuleList(
             nn.Conv2d(c, c, kernel_size=p, stride=p) for c, p in zip(channels, self.patch_sizes)
         )
+        # Zeros, as TransUNet's and LViT's, and never re-initialised: every result in this repository trained so.
         self.position_embeddings = nn.ParameterList(nn.Parameter(torch.zeros(1, c, grid, grid)) for c in channels)
         self.down_links = nn.ModuleList(nn.Linear(a, b) for a, b in zip(channels[:-1], channels[1:]))
         block = MTBlock if use_text else TransformerBlock

@@ -191,6 +191,19 @@ def test_zero_init_ssa_starts_every_ssa_as_the_identity_and_keeps_trained_weight
     assert all(ssa.fuse[1].weight.abs().sum() > 0 for ssa in build().ssa)  # the default keeps BatchNorm's ones
 
 
+def test_init_weights_has_no_branch_that_transformers_skips() -> None:
+    """transformers never calls `_init_weights` on a remote-code module without parameters of its own, so a branch
+    for one would be dead code (a `trunc_normal_` of the position embeddings was, until this test). Applying it to
+    every module by hand must leave a fresh model exactly as built."""
+    model = build(zero_init_ssa=True)
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    skipped = [m for m in model.modules() if not list(m.parameters(recurse=False)) and not list(m.buffers(False))]
+    with torch.no_grad():
+        for module in skipped:
+            model._init_weights(module)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
 def test_segmentation_loss_reaches_retrieval() -> None:
     """The straight-through choice lets the mask loss train the retrieval network (the authors' code did not)."""
     model = build().train()
