@@ -80,6 +80,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="models and inputs in channels-last memory format (NHWC, oneDNN's own layout on CPU) for every row",
+    )
+    parser.add_argument(
         "--memory-all", action="store_true", help="also measure memory at the throughput batch (one more call each)"
     )
     args = parser.parse_args(argv)
@@ -192,9 +197,14 @@ def all_settings(args: argparse.Namespace, device: torch.device) -> list[Setting
 class ModelSet:
     """The models of one run, plus lazily made bf16 / compiled copies of them (`--variants`)."""
 
-    def __init__(self, builds: dict[str, Callable[[], torch.nn.Module]], device: torch.device) -> None:
+    def __init__(
+        self, builds: dict[str, Callable[[], torch.nn.Module]], device: torch.device, channels_last: bool = False
+    ) -> None:
         self.device = device
-        self.fp32 = {name: build().eval().to(device) for name, build in builds.items()}
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.fp32 = {
+            name: build().eval().to(device, memory_format=self.memory_format) for name, build in builds.items()
+        }
         self._variants: dict[tuple[str, bool], dict[str, torch.nn.Module]] = {("fp32", False): self.fp32}
 
     def get(self, dtype: str, compiled: bool) -> dict[str, torch.nn.Module]:
@@ -207,6 +217,7 @@ class ModelSet:
         dtype = torch.bfloat16 if setting.dtype == "bf16" else torch.float32
         seed = torch.Generator().manual_seed(setting.size * 1000 + setting.batch)
         x = torch.randn(setting.batch, 3, setting.size, setting.size, generator=seed).to(self.device, dtype)
+        x = x.contiguous(memory_format=self.memory_format)
         if setting.mode == "train":
             return {n: train_step(m, x, self.device) for n, m in self.fp32.items()}
         return {n: inference_step(m, x) for n, m in self.get(setting.dtype, setting.compiled).items()}
@@ -247,7 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "(consider --threads 1 or a quiet machine)")  # fmt: skip
 
     print(f"building {len(specs)} models: {', '.join(builds)}", flush=True)
-    models = ModelSet(builds, device)
+    models = ModelSet(builds, device, args.channels_last)
     static, gmacs = {}, {}
     for name, model in models.fp32.items():
         cpu_model = model if device.type == "cpu" else copy.deepcopy(model).cpu()
@@ -274,6 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "mode": setting.mode,
                 "dtype": setting.dtype,
                 "compiled": setting.compiled,
+                "memory_format": "channels_last" if args.channels_last else "contiguous",
                 "image_size": setting.size,
                 "batch_size": setting.batch,
                 "latency_ms": round(median * 1e3, 2),

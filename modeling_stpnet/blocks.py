@@ -147,7 +147,11 @@ class SSA(nn.Module):
             weight = (self.spatial_dw.weight[:, 0] * gate_w[:, None, None]).unsqueeze(0)
             return F.conv2d(y, weight, bias, padding=1)
         taps = (gate_w[:, None] * self.spatial_dw.weight.view(c, 9)).t()  # (9, C)
-        taps = F.pad((taps @ y.view(b, c, h * w)).view(b, 9, h, w), (1, 1, 1, 1))  # zero padding of the conv
+        if y.is_contiguous():
+            taps = (taps @ y.view(b, c, h * w)).view(b, 9, h, w)
+        else:  # channels-last: as a product it would copy `y` first; oneDNN's 1x1 conv reads it in place
+            taps = F.conv2d(y, taps[:, :, None, None])
+        taps = F.pad(taps, (1, 1, 1, 1))  # zero padding of the conv
         out = bias.view(1, 1, 1).expand(b, h, w).clone()
         for k in range(9):
             i, j = divmod(k, 3)
@@ -183,6 +187,10 @@ def dilated_depthwise_sum(x: torch.Tensor, convs: nn.ModuleList) -> torch.Tensor
         return sum(conv(x) for conv in convs)
     if needs_grad:
         return _DilatedDepthwiseSum.apply(x, weight, bias, dilations)
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        # CPU in-place multiply-adds on 16-bit windows ran 4x slower per tap than in float32 (1.06 against 0.25 ms at
+        # 128 x 112 x 112 on a 2-core Xeon), so the sum is made in float32 (in the input's layout) and cast back.
+        return _shifted_taps_sum(x.float(), weight.float(), bias.float(), dilations).to(x.dtype)
     return _shifted_taps_sum(x, weight, bias, dilations)
 
 

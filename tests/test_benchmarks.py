@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 from pathlib import Path
@@ -65,6 +66,28 @@ def test_speed_writes_rows_with_ratios(tmp_path: Path, capsys: pytest.CaptureFix
     first = next(r for r in rows if r["model"] == "stpnet-tiny" and r["batch_size"] == 1 and r["dtype"] == "fp32")
     low, high = first["ratio_to_unet_iqr"]
     assert f"| {first['ratio_to_unet']:.2f} ({low:.2f}-{high:.2f}) |" in lines["stpnet-tiny"]
+
+
+def test_speed_channels_last_converts_models_and_inputs(tmp_path: Path) -> None:
+    """`--channels-last` puts the weights and every input in NHWC and says so in each row."""
+    specs = common.model_specs(common.preset_configs(["stpnet-tiny"]), ["shared"])
+    models = speed.ModelSet({name: build for name, _, build in specs}, torch.device("cpu"), channels_last=True)
+    conv = models.fp32["unet-c16"].stem[0][0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    seen = []
+    conv.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    models.steps(speed.Setting("inference", "fp32", False, 64, 2, 1))["unet-c16"]()
+    assert seen == [True]
+    argv = [
+        "--presets", "stpnet-tiny", "--no-shared", "--sizes", "64", "--repeats", "1", "--throughput-batch", "0",
+        "--train-batch", "0", "--no-memory", "--no-chart", "--threads", "1", "--channels-last",
+        "--output-dir", str(tmp_path), "--name", "speed-cl",
+    ]  # fmt: skip
+    speed.main(argv)
+    rows = json.loads((tmp_path / "speed-cl.json").read_text())["rows"]
+    assert {r["memory_format"] for r in rows} == {"channels_last"} and len(rows) == 2
 
 
 def test_quality_settings_pick_the_recipe(tmp_path: Path) -> None:
@@ -205,10 +228,13 @@ def _randomise_batchnorm(model: torch.nn.Module) -> None:
             module.bias.data.copy_(0.1 * torch.randn(module.num_features, generator=g))
 
 
-@pytest.mark.parametrize("backbone", ["shared", "resnet18"])
-def test_inference_fast_paths_compute_the_documented_function(backbone: str) -> None:
+@pytest.mark.parametrize(
+    ("backbone", "layout"),
+    [("shared", torch.contiguous_format), ("resnet18", torch.contiguous_format), ("shared", torch.channels_last)],
+)
+def test_inference_fast_paths_compute_the_documented_function(backbone: str, layout: torch.memory_format) -> None:
     """SSA, FusionBlock and TokenGridToMap run cheaper code in eval mode; it must give the numbers of the plain
-    (training-mode) code with BatchNorm in eval mode."""
+    (training-mode) code with BatchNorm in eval mode, in either memory layout."""
     from modeling_stpnet import STPNetForSemanticSegmentation
     from modeling_stpnet.blocks import SSA, FusionBlock
     from modeling_stpnet.transformer_stpnet import TokenGridToMap
@@ -219,7 +245,8 @@ def test_inference_fast_paths_compute_the_documented_function(backbone: str) -> 
     model = STPNetForSemanticSegmentation(config).eval()
     with torch.no_grad():
         _randomise_batchnorm(model)
-        x = torch.randn(2, 3, 160, 128)  # non-square, and 1/8 maps smaller than the largest dilation
+        model.to(memory_format=layout)
+        x = torch.randn(2, 3, 160, 128).contiguous(memory_format=layout)  # non-square; 1/8 maps < largest dilation
         fast = model(x)
         for module in model.modules():
             if isinstance(module, (SSA, FusionBlock, TokenGridToMap)):
@@ -284,6 +311,15 @@ def test_dilated_depthwise_sum_matches_the_convolutions() -> None:
         with torch.no_grad():
             expected = sum(conv(x) for conv in convs)
             assert torch.allclose(dilated_depthwise_sum(x, convs), expected, atol=1e-5)
+    # 16-bit eval inputs are summed in float32 and come back in their dtype and memory layout
+    low = convs.to(torch.bfloat16)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 8, 28, 20).to(torch.bfloat16, memory_format=layout)
+        with torch.no_grad():
+            got = dilated_depthwise_sum(x, low)
+            expected = sum(conv.float()(x.float()) for conv in copy.deepcopy(low))
+        assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("size", [(28, 20), (7, 9)])  # with every tap, and with taps wholly in the padding
