@@ -129,7 +129,9 @@ def test_loss_decreases_on_a_tiny_batch() -> None:
     ids=["resnet18", "shared", "no-ssa", "no-text", "teacher-forcing", "no-encoder-text-channel"],
 )
 def test_no_dead_parameters(overrides: dict) -> None:
-    model = build(**overrides).train()
+    # zero_init_ssa blocks the first step's gradient into each SSA's branch by design (its last scale is zero),
+    # which would hide a branch that is really disconnected
+    model = build(**{"zero_init_ssa": False, **overrides}).train()
     x, y, t = blob_batch(2, 128)
     model(x, labels=y, text_labels=t).loss.backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -169,7 +171,7 @@ def test_ssa_dilations_reach_the_modules_and_survive_save_load(tmp_path: Path) -
 def test_zero_init_ssa_starts_every_ssa_as_the_identity_and_keeps_trained_weights(tmp_path: Path) -> None:
     """`zero_init_ssa` zeroes the fusing BatchNorm's scale of a fresh model only: each SSA then returns its input
     exactly (train and eval), the scale still gets a gradient, and a saved model loads with its trained scale."""
-    model = build(zero_init_ssa=True).train()
+    model = build().train()  # the default
     inputs = []
     hooks = [ssa.register_forward_hook(lambda m, i, o: inputs.append((i[0], o))) for ssa in model.ssa]
     x, y, t = blob_batch(2, 128)
@@ -188,7 +190,7 @@ def test_zero_init_ssa_starts_every_ssa_as_the_identity_and_keeps_trained_weight
     reloaded = STPNetForSemanticSegmentation.from_pretrained(tmp_path)
     assert reloaded.config.zero_init_ssa
     assert torch.equal(reloaded.ssa[0].fuse[1].weight, torch.full_like(reloaded.ssa[0].fuse[1].weight, 0.5))
-    assert all(ssa.fuse[1].weight.abs().sum() > 0 for ssa in build().ssa)  # the default keeps BatchNorm's ones
+    assert all(torch.equal(s.fuse[1].weight, torch.ones_like(s.fuse[1].weight)) for s in build(zero_init_ssa=False).ssa)
 
 
 def test_init_weights_has_no_branch_that_transformers_skips() -> None:
