@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -9,7 +10,7 @@ import resource
 import shlex
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,39 @@ def describe_model(model: torch.nn.Module) -> dict[str, Any]:
         "retrieval_backbone": getattr(cfg, "retrieval_backbone", None) if getattr(cfg, "use_text", False) else None,
         "use_text": getattr(cfg, "use_text", None),
         "use_ssa": getattr(cfg, "use_ssa", None),
+    }
+
+
+def model_settings(config: Any) -> dict[str, Any]:
+    """The settings a model config class defines itself (the named arguments of its `__init__`), JSON-normalised.
+
+    They decide the architecture, the init and the losses; transformers' own metadata (version, auto_map, dtype) is
+    left out, so a run's saved `config.json` and a config built now compare equal exactly when they build alike.
+    `model_type` names the class the settings belong to.
+    """
+    names = [
+        p.name
+        for p in inspect.signature(type(config).__init__).parameters.values()
+        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    values = config.to_dict()
+    return json.loads(json.dumps({"model_type": config.model_type, **{name: values.get(name) for name in names}}))
+
+
+def model_settings_changes(
+    saved: dict[str, Any], expected: dict[str, Any], keys: Iterable[str] | None = None
+) -> dict[str, tuple[str, str]]:
+    """`{key: (saved value, expected value)}` (as JSON text) for each of `keys` (default: every setting of
+    `expected`) that the two hold differently. A missing key (`"absent"`) means the run predates the setting, so the
+    default it was built with is unknown: it counts as changed."""
+
+    def shown(settings: dict[str, Any], key: str) -> str:
+        return json.dumps(settings[key]) if key in settings else "absent"
+
+    return {
+        key: (shown(saved, key), shown(expected, key))
+        for key in (expected if keys is None else sorted(keys))
+        if shown(saved, key) != shown(expected, key)
     }
 
 

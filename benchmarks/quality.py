@@ -113,7 +113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--no-chart", action="store_true", help="write no PNG chart")
     parser.add_argument(
-        "--retrain", action="store_true", help="train every row again (default: reuse finished runs of the same config)"
+        "--retrain",
+        action="store_true",
+        help="train every row again (default: reuse a finished run of the same training config whose saved "
+        "model was built with the same model settings)",
     )
     args = parser.parse_args(argv)
     if args.smoke:
@@ -149,9 +152,18 @@ def encoded_repository(definition: str, encoder: str, max_length: int, layers: i
     return tuple(load_repository(config).encode(encoder, max_length=max_length, num_hidden_layers=layers))
 
 
+def row_model_config(variant: str, base_channels: int, config, repository):
+    """The model config a row builds: the U-Net of the preset's width, or the preset's STPNet with the variant's
+    overrides (already in the training config's `model.overrides`)."""
+    if variant == "unet":
+        return common.UNetConfig(base_channels=base_channels, image_size=config.data.image_size)
+    from modeling_stpnet.training import build_model_config
+
+    return build_model_config(config, repository)
+
+
 def model_factory(variant: str, base_channels: int, built: dict[str, int]):
-    """`run_training`'s model_factory for one row (the config's `model.overrides` already hold the variant);
-    records the parameter count in `built`."""
+    """`run_training`'s model_factory for one row; records the parameter count in `built`."""
 
     def build(config, repository) -> torch.nn.Module:
         model = _build(config, repository)
@@ -159,14 +171,11 @@ def model_factory(variant: str, base_channels: int, built: dict[str, int]):
         return model
 
     def _build(config, repository) -> torch.nn.Module:
+        model_config = row_model_config(variant, base_channels, config, repository)
         if variant == "unet":
-            return common.UNetForSemanticSegmentation(
-                common.UNetConfig(base_channels=base_channels, image_size=config.data.image_size)
-            )
-        from modeling_stpnet.training import build_model_config
+            return common.UNetForSemanticSegmentation(model_config)
         from modeling_stpnet.training.model import load_pretrained_retrieval_backbone
 
-        model_config = build_model_config(config, repository)
         model = common.STPNetForSemanticSegmentation(model_config)
         if model.use_text:
             t = config.text
@@ -221,12 +230,13 @@ def row_config(args: argparse.Namespace, dataset: str, variant: str, seed: int, 
 
 
 def train_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, base_channels: int) -> dict[str, Any]:
-    from modeling_stpnet.training import run_training
+    from modeling_stpnet.training import load_repository, run_training
 
     name, run_dir, config = row_config(args, dataset, variant, seed, base_channels)
+    settings = common.model_settings(row_model_config(variant, base_channels, config, load_repository(config)))
     started = time.time()
     built: dict[str, int] = {}
-    result = None if args.retrain else finished_run(run_dir, config.to_yaml())
+    result = None if args.retrain else finished_run(run_dir, config.to_yaml(), settings)
     if result is None:
         result = run_training(config, model_factory=model_factory(variant, base_channels, built))
     else:
@@ -253,18 +263,27 @@ def train_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, b
         "reported_split": config.data.test_split,
         "image_size": config.data.image_size,
         "params": built.get("params"),
+        "model_settings": settings,
     }
 
 
-def finished_run(run_dir: Path, config_yaml: str) -> dict[str, Any] | None:
-    """The result of an earlier run in `run_dir` when it finished (tested) with exactly this config, else None:
-    an interrupted benchmark then continues where it stopped instead of retraining every row."""
+def finished_run(run_dir: Path, config_yaml: str, model_settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The result of an earlier run in `run_dir` when it finished (tested) with exactly this training config and a
+    model built alike (its saved `best/config.json` against `model_settings`, so a changed model default is not
+    mistaken for the same row), else None: an interrupted benchmark then continues where it stopped instead of
+    retraining every row."""
     try:
         result = json.loads((run_dir / "run.json").read_text())
         same_config = (run_dir / "train_config.yaml").read_text() == config_yaml
+        saved_model = json.loads((run_dir / "best" / "config.json").read_text())
     except (OSError, ValueError):
         return None
     if not same_config or not result.get("test_metrics") or result.get("steps") != result.get("total_steps"):
+        return None
+    changes = common.model_settings_changes(saved_model, model_settings)
+    if changes:
+        described = "; ".join(f"{key} (was {was}, now {now})" for key, (was, now) in changes.items())
+        print(f"[quality] retraining {run_dir}: its model was built with other settings: {described}", flush=True)
         return None
     return result
 

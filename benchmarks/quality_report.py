@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,7 @@ def merge_results(paths: list[Path]) -> dict[str, Any]:
                     f"{path} and {first_path} differ in settings.{key} ({payload['settings'].get(key)!r} vs "
                     f"{first.get(key)!r}): their rows were not trained identically"
                 )
+    _check_model_settings(paths, payloads)
     rows = _pool_seeds(paths, payloads)
     datasets = list(dict.fromkeys(dataset for dataset, _ in rows))
 
@@ -122,6 +124,43 @@ def _sources(path: Path, payload: dict[str, Any]) -> list[dict[str, Any]]:
     return payload.get("sources") or [
         {"file": Path(path).name, "command": payload.get("command"), "machine": payload.get("machine")}
     ]
+
+
+def _check_model_settings(paths: list[Path], payloads: list[dict[str, Any]]) -> None:
+    """Raise ValueError, naming both runs and the settings, when two runs on one dataset were built with different
+    model settings other than the ones their variants set: same settings and same code build alike, so a difference
+    means a model default changed between the runs (equal `settings` cannot show that). Runs of files written before
+    `model_settings` was recorded cannot be checked; a line on stderr names those files."""
+    runs: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    unchecked: list[str] = []
+    for path, payload in zip(paths, payloads):
+        for row in payload["rows"]:
+            for run in row.get("per_seed") or []:
+                if "model_settings" in run:
+                    runs.setdefault(row["dataset"], []).append((Path(path).name, run))
+                elif Path(path).name not in unchecked:
+                    unchecked.append(Path(path).name)
+    if unchecked:
+        print(f"[merge] cannot check the model settings of runs in {', '.join(unchecked)} "
+              "(written before quality.py recorded them)", file=sys.stderr)  # fmt: skip
+    for dataset, found in runs.items():
+        for i, (path_a, a) in enumerate(found):
+            for path_b, b in found[i + 1 :]:
+                x, y = a["model_settings"], b["model_settings"]
+                # same class: a key only one has is a setting the other predates; another class (the U-Net beside
+                # STPNet): only the settings both have
+                same_class = x.get("model_type") == y.get("model_type")
+                keys = x.keys() | y.keys() if same_class else x.keys() & y.keys() - {"model_type"}
+                for variant in (a.get("variant"), b.get("variant")):
+                    keys -= common.VARIANT_OVERRIDES.get(variant, {}).keys()
+                changes = common.model_settings_changes(x, y, keys)
+                if changes:
+                    described = "; ".join(f"{key} ({path_a}: {u}, {path_b}: {v})" for key, (u, v) in changes.items())
+                    raise ValueError(
+                        f"{a['model']} seed {a['seed']} and {b['model']} seed {b['seed']} on {dataset} were built with "
+                        f"different model settings: {described}; their rows were not trained alike "
+                        "(retrain the older rows, e.g. quality.py --retrain)"
+                    )
 
 
 def _pool_seeds(paths: list[Path], payloads: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:

@@ -136,12 +136,22 @@ def test_quality_smoke_writes_all_rows(tmp_path: Path, capsys: pytest.CaptureFix
             assert set(row["retrieval_majority_baseline"]) == set(row["retrieval_accuracy"]), name
     assert rows["unet-c16"]["params"] < rows["stpnet-tiny-shared"]["params"] < rows["stpnet-tiny"]["params"]
 
-    # a second run reuses the finished runs (same configs) instead of training again, with the same numbers
-    args = ["--smoke", "--variants", "unet", "shared", "--runs-dir", str(tmp_path / "runs"), "--name", "again"]
+    assert rows["stpnet-tiny"]["per_seed"][0]["model_settings"]["zero_init_ssa"] is True
+    assert rows["stpnet-tiny-no-ssa"]["per_seed"][0]["model_settings"]["use_ssa"] is False
+
+    # a second run reuses the finished runs (same configs) instead of training again, with the same numbers, except
+    # a run whose saved model predates a model setting (here: as if trained before zero_init_ssa existed)
+    saved = tmp_path / "runs" / "smoke" / "sample" / "stpnet-tiny-seed0" / "best" / "config.json"
+    stale = {k: v for k, v in json.loads(saved.read_text()).items() if k != "zero_init_ssa"}
+    saved.write_text(json.dumps(stale))
+    args = ["--smoke", "--variants", "unet", "default", "--runs-dir", str(tmp_path / "runs"), "--name", "again"]
     capsys.readouterr()
     again = quality.main([*args, "--output-dir", str(tmp_path)])
-    assert capsys.readouterr().out.count("reusing the finished run") == 2
-    assert [r["dice"] for r in again["rows"]] == [rows["unet-c16"]["dice"], rows["stpnet-tiny-shared"]["dice"]]
+    out = capsys.readouterr().out
+    assert out.count("reusing the finished run") == 1
+    assert "stpnet-tiny-seed0: its model was built with other settings: zero_init_ssa (was absent, now true)" in out
+    assert json.loads(saved.read_text())["zero_init_ssa"] is True  # retrained under today's default
+    assert again["rows"][0]["dice"] == rows["unet-c16"]["dice"]
 
     assert (tmp_path / "again.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -343,13 +353,21 @@ def test_dilated_depthwise_sum_has_the_gradients_of_the_convolutions(size: tuple
     assert x.grad is not None and convs[0].weight.grad is not None
 
 
-def _results_file(path: Path, rows: list[tuple[str, str, str, float]], seed: int = 0, **settings: object) -> Path:
-    """A minimal quality results file of one seed: rows of `(model, variant, dataset, dice)`."""
+def _results_file(
+    path: Path,
+    rows: list[tuple[str, str, str, float]],
+    seed: int = 0,
+    model_settings: dict[str, dict[str, object]] | None = None,
+    **settings: object,
+) -> Path:
+    """A minimal quality results file of one seed: rows of `(model, variant, dataset, dice)`; `model_settings` by
+    variant for the runs that record them (files written before they were recorded have none)."""
     runs = [
         {"model": m, "variant": v, "seed": seed, "dice": dice, "iou": dice / 2, "micro_dice": dice,
          "per_image_std": {"dice": 0.1, "iou": 0.1}, "reported_split": "test", "num_images": 4, "image_size": 64,
          "retrieval_accuracy": {"size": dice, "mean": dice} if v != "unet" else None,
-         "retrieval_majority_baseline": {"size": 0.4} if v != "unet" else None}
+         "retrieval_majority_baseline": {"size": 0.4} if v != "unet" else None,
+         **({"model_settings": model_settings[v]} if model_settings and v in model_settings else {})}
         for m, v, d, dice in rows
     ]  # fmt: skip
     payload = {
@@ -428,3 +446,40 @@ def test_quality_merge_refuses_rows_not_trained_alike(tmp_path: Path) -> None:
         quality_report.merge_results([base, tmp_path / "speed.json"])
     with pytest.raises(SystemExit, match=r"quality.py --merge: .*missing.json: cannot read"):
         quality.main(["--merge", str(base), str(tmp_path / "missing.json"), "--output-dir", str(tmp_path)])
+
+
+def test_quality_merge_refuses_runs_built_with_other_model_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Equal settings, but a model default changed between the runs: pooling or comparing them is refused, naming
+    the setting; what a variant sets itself (no-ssa's use_ssa) is not a difference; older files are named as
+    unchecked."""
+    new = {"model_type": "stpnet", "use_ssa": True, "zero_init_ssa": True, "base_channels": 16, "image_size": 64}
+    old = {"model_type": "stpnet", "use_ssa": True, "base_channels": 16, "image_size": 64}  # before zero_init_ssa
+    unet = {"model_type": "stpnet-unet", "base_channels": 16, "image_size": 64, "num_channels": 3}
+    settings = {"default": new, "no-ssa": {**new, "use_ssa": False}, "unet": unet}
+    base = _results_file(
+        tmp_path / "a.json",
+        [("stpnet-tiny", "default", "kvasir-seg", 0.6), ("stpnet-tiny-no-ssa", "no-ssa", "kvasir-seg", 0.5),
+         ("unet-c16", "unet", "kvasir-seg", 0.7)],
+        model_settings=settings,
+    )  # fmt: skip
+    same = _results_file(tmp_path / "b.json", [("stpnet-tiny", "default", "kvasir-seg", 0.7)], 1, settings)
+    pooled = {r["model"]: r for r in quality_report.merge_results([base, same])["rows"]}
+    assert pooled["stpnet-tiny"]["seeds"] == [0, 1]
+
+    stale = _results_file(tmp_path / "c.json", [("stpnet-tiny", "default", "kvasir-seg", 0.65)], 1, {"default": old})
+    with pytest.raises(ValueError, match=r"seed 0 and stpnet-tiny seed 1 on kvasir-seg .* zero_init_ssa \(a.json: "
+                       r"true, c.json: absent\); their rows were not trained alike"):  # fmt: skip
+        quality_report.merge_results([base, stale])
+    other_width = {"unet": {**unet, "base_channels": 32}}
+    wide = _results_file(tmp_path / "d.json", [("unet-c16", "unet", "qata-cov19", 0.7)], 1, other_width)
+    quality_report.merge_results([base, wide])  # another dataset: not compared
+    wide = _results_file(tmp_path / "e.json", [("unet-c16", "unet", "kvasir-seg", 0.7)], 1, other_width)
+    with pytest.raises(ValueError, match=r"base_channels \(a.json: 16, e.json: 32\)"):
+        quality_report.merge_results([base, wide])
+
+    capsys.readouterr()
+    legacy = _results_file(tmp_path / "legacy.json", [("stpnet-tiny", "default", "kvasir-seg", 0.6)], 2)
+    quality_report.merge_results([base, legacy])
+    assert "cannot check the model settings of runs in legacy.json" in capsys.readouterr().err
