@@ -154,9 +154,12 @@ def encoded_repository(definition: str, encoder: str, max_length: int, layers: i
 
 def row_model_config(variant: str, base_channels: int, config, repository):
     """The model config a row builds: the U-Net of the preset's width, or the preset's STPNet with the variant's
-    overrides (already in the training config's `model.overrides`)."""
+    overrides (already in the training config's `model.overrides`). The U-Net takes those of `--set`'s model
+    overrides that it has too (its init), so a change of a shared setting reaches the baseline as well."""
     if variant == "unet":
-        return common.UNetConfig(base_channels=base_channels, image_size=config.data.image_size)
+        shared = set(common.model_settings(common.UNetConfig())) - {"model_type", "base_channels", "image_size"}
+        extra = {k: v for k, v in config.model.overrides.items() if k in shared}
+        return common.UNetConfig(base_channels=base_channels, image_size=config.data.image_size, **extra)
     from modeling_stpnet.training import build_model_config
 
     return build_model_config(config, repository)

@@ -65,6 +65,11 @@ class STPNetConfig(PretrainedConfig):
             unit-variance random branch to features of std about 0.6. Chosen on the selection splits of the CPU
             recipes (README, "Starting each SSA as the identity"). Only a fresh model's init changes; trained
             weights load unchanged.
+        one_channel_conv_init (`str`, defaults to `"fan_out"`): He-normal mode of the convolutions to one channel
+            (the mask head and SSA's spatial gates); every other convolution uses `fan_out`. With `fan_out` their
+            weights have std sqrt(2) whatever their input width, so a fresh model's logits have std 3-6 (BCE 2.5-5
+            at the first step); `fan_in` scales them by the input width (std about 0.5). Only a fresh model's init
+            changes; trained weights load unchanged.
         encoder_text_channel (`bool`, defaults to True): with a separate retrieval backbone, the scale's prompt
             enters each down block as an extra text-similarity channel, as the paper; `False` is the ablation
             without it (the prompts still reach the transformer branch and the decoder, as with `shared`).
@@ -100,6 +105,7 @@ class STPNetConfig(PretrainedConfig):
         use_text: bool = True,
         ssa_dilations: list[int] | None = None,
         zero_init_ssa: bool = True,
+        one_channel_conv_init: str = "fan_out",
         encoder_text_channel: bool = True,
         dice_weight: float = 0.5,
         bce_weight: float = 0.5,
@@ -135,6 +141,7 @@ class STPNetConfig(PretrainedConfig):
         self.use_text = use_text
         self.ssa_dilations = list(ssa_dilations) if ssa_dilations is not None else [6, 12, 18]
         self.zero_init_ssa = zero_init_ssa
+        self.one_channel_conv_init = one_channel_conv_init
         self.encoder_text_channel = encoder_text_channel
         self.dice_weight = dice_weight
         self.bce_weight = bce_weight
@@ -193,6 +200,7 @@ class STPNetConfig(PretrainedConfig):
                     f"STPNetConfig.num_attention_heads={self.num_attention_heads} must divide the joined token width "
                     f"2*{c} of every scale (base_channels={self.base_channels})"
                 )
+        validate_init_mode("STPNetConfig", self.one_channel_conv_init)
         if self.mlp_ratio <= 0:
             raise ValueError(f"STPNetConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
         for name in ("dice_weight", "bce_weight", "retrieval_weight", "classifier_weight", "focal_gamma"):
@@ -201,6 +209,12 @@ class STPNetConfig(PretrainedConfig):
         if not 0.0 <= self.teacher_forcing_prob <= 1.0:
             raise ValueError(f"STPNetConfig.teacher_forcing_prob must be in [0, 1], got {self.teacher_forcing_prob}")
         validate_repository(self.text_categories, self.text_sentences)
+
+
+def validate_init_mode(config_name: str, mode: Any) -> None:
+    """Raise `ValueError` unless `mode` is a He-normal mode of `one_channel_conv_init`."""
+    if mode not in ("fan_in", "fan_out"):
+        raise ValueError(f"{config_name}.one_channel_conv_init must be 'fan_in' or 'fan_out', got {mode!r}")
 
 
 def _is_positive_int(value: Any) -> bool:

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .blocks import ConvToOneChannel, DoubleConv, DownBlock, UpBlock
+from .configuration_stpnet import validate_init_mode
 from .losses import bce_loss, dice_loss
 from .modeling_stpnet import STPNetPreTrainedModel, STPNetSegmentationOutput
 
@@ -27,6 +28,8 @@ class UNetConfig(PretrainedConfig):
         num_channels (`int`, defaults to 3): input channels.
         base_channels (`int`, defaults to 64): encoder widths are `[c, 2c, 4c, 8c, 8c]`, as in STPNet.
         dice_weight, bce_weight (`float`): loss weights, STPNet's defaults (.5, .5).
+        one_channel_conv_init (`str`, defaults to `"fan_out"`): He-normal mode of the 1x1 head, as
+            `STPNetConfig.one_channel_conv_init`.
         initializer_range (`float`): kept for parity with `STPNetConfig` (the U-Net has no linear layers).
     """
 
@@ -39,6 +42,7 @@ class UNetConfig(PretrainedConfig):
         base_channels: int = 64,
         dice_weight: float = 0.5,
         bce_weight: float = 0.5,
+        one_channel_conv_init: str = "fan_out",
         initializer_range: float = 0.02,
         **kwargs: Any,
     ) -> None:
@@ -49,6 +53,7 @@ class UNetConfig(PretrainedConfig):
         self.base_channels = base_channels
         self.dice_weight = dice_weight
         self.bce_weight = bce_weight
+        self.one_channel_conv_init = one_channel_conv_init
         self.initializer_range = initializer_range
         self.validate()
 
@@ -68,6 +73,7 @@ class UNetConfig(PretrainedConfig):
         for name in ("dice_weight", "bce_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"UNetConfig.{name} must be >= 0, got {getattr(self, name)}")
+        validate_init_mode("UNetConfig", self.one_channel_conv_init)
 
 
 class UNetForSemanticSegmentation(PreTrainedModel):

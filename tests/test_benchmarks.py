@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from benchmarks import breakdown, common, quality, quality_report, speed
+from modeling_stpnet.training import load_repository
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REQUIRED_SPEED_KEYS = {"model", "latency_ms", "ratio_to_unet", "params", "gmacs", "unet_reference", "peak_memory_mb"}
@@ -112,6 +113,17 @@ def test_quality_settings_pick_the_recipe(tmp_path: Path) -> None:
     name, _, config = quality.row_config(cpu, "kvasir-seg", "unet", 0, 16)
     assert cpu.preset == "stpnet-tiny" and name == "unet-c16"
     assert (config.data.image_size, config.train.epochs, config.train.max_steps) == (128, 18, None)
+
+    # a model setting the U-Net shares (its head's init) reaches the baseline too; STPNet-only ones do not
+    extra = ["--set", "model.overrides.one_channel_conv_init=fan_in", "--set", "model.overrides.use_ssa=false"]
+    cpu = quality.parse_args(["--settings", "cpu", "--runs-dir", str(tmp_path), *extra])
+    built = {}
+    for variant in ("unet", "default"):
+        _, _, config = quality.row_config(cpu, "kvasir-seg", variant, 0, 16)
+        built[variant] = quality.row_model_config(variant, 16, config, load_repository(config))
+    assert built["unet"].one_channel_conv_init == built["default"].one_channel_conv_init == "fan_in"
+    assert built["unet"].base_channels == 16 and not hasattr(built["unet"], "use_ssa")
+    assert built["default"].use_ssa is False
 
 
 def test_quality_smoke_writes_all_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,6 +21,7 @@ from modeling_stpnet import (
     STPNetForSemanticSegmentation,
     STPNetImageProcessor,
 )
+from modeling_stpnet.blocks import ConvToOneChannel
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "configuration" / "models"
@@ -191,6 +192,33 @@ def test_zero_init_ssa_starts_every_ssa_as_the_identity_and_keeps_trained_weight
     assert reloaded.config.zero_init_ssa
     assert torch.equal(reloaded.ssa[0].fuse[1].weight, torch.full_like(reloaded.ssa[0].fuse[1].weight, 0.5))
     assert all(torch.equal(s.fuse[1].weight, torch.ones_like(s.fuse[1].weight)) for s in build(zero_init_ssa=False).ssa)
+
+
+def test_one_channel_conv_init_scales_the_head_and_gates_by_their_input_width(tmp_path: Path) -> None:
+    """A conv to one channel has a fan_out of 1, so He init in `fan_out` mode gives it weights of std sqrt(2) at
+    any width and a fresh model logits of std 3-6. `fan_in` draws the same numbers scaled by 1/sqrt(C), leaves every
+    other weight as it was, and starts the logits near zero; a saved model keeps the setting and its weights."""
+    fan_in, fan_out = build(one_channel_conv_init="fan_in"), build(one_channel_conv_init="fan_out")
+    convs_in, convs_out = (
+        [m for m in model.modules() if isinstance(m, ConvToOneChannel)] for model in (fan_in, fan_out)
+    )
+    assert len(convs_in) == 4  # the mask head and the three SSAs' spatial gates
+    for a, b in zip(convs_in, convs_out):
+        torch.testing.assert_close(a.weight * a.in_channels**0.5, b.weight)
+    changed = {id(c.weight) for c in convs_in}
+    for (name, p), q in zip(fan_in.state_dict(keep_vars=True).items(), fan_out.state_dict().values()):
+        assert id(p) in changed or torch.equal(p, q), name
+    x, _, _ = blob_batch(2, 128)
+    with torch.no_grad():
+        small, large = (float(model.train()(x).logits.std()) for model in (fan_in, fan_out))
+    assert small < 1.5 < 3 * small < large
+
+    fan_in.save_pretrained(tmp_path)
+    reloaded = STPNetForSemanticSegmentation.from_pretrained(tmp_path)
+    assert reloaded.config.one_channel_conv_init == "fan_in"
+    assert torch.equal(reloaded.head.weight, fan_in.head.weight)
+    with pytest.raises(ValueError, match=r"one_channel_conv_init must be 'fan_in' or 'fan_out', got 'xavier'"):
+        tiny_config(one_channel_conv_init="xavier")
 
 
 def test_init_weights_has_no_branch_that_transformers_skips() -> None:

@@ -109,3 +109,13 @@ def test_bad_inputs_and_config() -> None:
         UNetConfig(base_channels=0)
     with pytest.raises(ValueError, match="multiple of 32"):
         UNetConfig(image_size=100)
+    with pytest.raises(ValueError, match="one_channel_conv_init must be 'fan_in' or 'fan_out'"):
+        UNetConfig(one_channel_conv_init="normal")
+
+
+def test_head_init_mode_is_stpnets() -> None:
+    """The baseline's 1x1 head follows `one_channel_conv_init` as STPNet's does: std sqrt(2) or sqrt(2 / C)."""
+    for mode, expected in (("fan_out", 2**0.5), ("fan_in", (2 / 64) ** 0.5)):
+        torch.manual_seed(0)
+        head = UNetForSemanticSegmentation(UNetConfig(base_channels=64, one_channel_conv_init=mode)).head.weight
+        assert abs(float(head.detach().std()) / expected - 1) < 0.25
