@@ -65,11 +65,13 @@ class STPNetConfig(PretrainedConfig):
             unit-variance random branch to features of std about 0.6. Chosen on the selection splits of the CPU
             recipes (README, "Starting each SSA as the identity"). Only a fresh model's init changes; trained
             weights load unchanged.
-        one_channel_conv_init (`str`, defaults to `"fan_out"`): He-normal mode of the convolutions to one channel
-            (the mask head and SSA's spatial gates); every other convolution uses `fan_out`. With `fan_out` their
-            weights have std sqrt(2) whatever their input width, so a fresh model's logits have std 3-6 (BCE 2.5-5
-            at the first step); `fan_in` scales them by the input width (std about 0.5). Only a fresh model's init
-            changes; trained weights load unchanged.
+        one_channel_conv_init (`str`, defaults to `"fan_in"`): He-normal mode of the convolutions to one channel
+            (the mask head and SSA's spatial gates); every other convolution uses `fan_out`. In `fan_out` mode their
+            fan is 1, so their weights have std sqrt(2) whatever their input width and a fresh model's logits have
+            std 3-6 (BCE 2.5-5 on the first batches); `fan_in` scales the same draws by 1/sqrt(width) (logits of
+            std about 1). Chosen on the CPU recipes' selection splits: with `fan_out` one Kvasir-SEG seed in three
+            stalled (README, "The last stall: the mask head's init"). Only a fresh model's init changes; trained
+            weights load unchanged.
         encoder_text_channel (`bool`, defaults to True): with a separate retrieval backbone, the scale's prompt
             enters each down block as an extra text-similarity channel, as the paper; `False` is the ablation
             without it (the prompts still reach the transformer branch and the decoder, as with `shared`).
@@ -105,7 +107,7 @@ class STPNetConfig(PretrainedConfig):
         use_text: bool = True,
         ssa_dilations: list[int] | None = None,
         zero_init_ssa: bool = True,
-        one_channel_conv_init: str = "fan_out",
+        one_channel_conv_init: str = "fan_in",
         encoder_text_channel: bool = True,
         dice_weight: float = 0.5,
         bce_weight: float = 0.5,

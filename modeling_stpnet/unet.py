@@ -28,7 +28,7 @@ class UNetConfig(PretrainedConfig):
         num_channels (`int`, defaults to 3): input channels.
         base_channels (`int`, defaults to 64): encoder widths are `[c, 2c, 4c, 8c, 8c]`, as in STPNet.
         dice_weight, bce_weight (`float`): loss weights, STPNet's defaults (.5, .5).
-        one_channel_conv_init (`str`, defaults to `"fan_out"`): He-normal mode of the 1x1 head, as
+        one_channel_conv_init (`str`, defaults to `"fan_in"`): He-normal mode of the 1x1 head, as
             `STPNetConfig.one_channel_conv_init`.
         initializer_range (`float`): kept for parity with `STPNetConfig` (the U-Net has no linear layers).
     """
@@ -42,7 +42,7 @@ class UNetConfig(PretrainedConfig):
         base_channels: int = 64,
         dice_weight: float = 0.5,
         bce_weight: float = 0.5,
-        one_channel_conv_init: str = "fan_out",
+        one_channel_conv_init: str = "fan_in",
         initializer_range: float = 0.02,
         **kwargs: Any,
     ) -> None:

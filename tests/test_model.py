@@ -213,6 +213,7 @@ def test_one_channel_conv_init_scales_the_head_and_gates_by_their_input_width(tm
         small, large = (float(model.train()(x).logits.std()) for model in (fan_in, fan_out))
     assert small < 1.5 < 3 * small < large
 
+    assert STPNetConfig().one_channel_conv_init == "fan_in"  # the default
     fan_in.save_pretrained(tmp_path)
     reloaded = STPNetForSemanticSegmentation.from_pretrained(tmp_path)
     assert reloaded.config.one_channel_conv_init == "fan_in"

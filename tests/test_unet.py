@@ -71,7 +71,7 @@ def test_loss_decreases_and_every_parameter_learns() -> None:
     x, y = blobs(3, 64, seed=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for step in range(15):
+    for step in range(30):  # from logits near zero (the default head init) the loss starts low and falls slower
         optimizer.zero_grad()
         out = model(x, labels=y)
         out.loss.backward()
