@@ -196,7 +196,7 @@ def test_zero_init_ssa_starts_every_ssa_as_the_identity_and_keeps_trained_weight
 
 def test_one_channel_conv_init_scales_the_head_and_gates_by_their_input_width(tmp_path: Path) -> None:
     """A conv to one channel has a fan_out of 1, so He init in `fan_out` mode gives it weights of std sqrt(2) at
-    any width and a fresh model logits of std 3-6. `fan_in` draws the same numbers scaled by 1/sqrt(C), leaves every
+    any width and a fresh model's logits a std of 3-6. `fan_in` draws the same numbers scaled by 1/sqrt(C), leaves every
     other weight as it was, and starts the logits near zero; a saved model keeps the setting and its weights."""
     fan_in, fan_out = build(one_channel_conv_init="fan_in"), build(one_channel_conv_init="fan_out")
     convs_in, convs_out = (
