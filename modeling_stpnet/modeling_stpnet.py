@@ -57,8 +57,7 @@ class STPNetPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Conv2d):
             # fan_out of a conv to one channel is 1, which would give it weights of std sqrt(2) at any width.
-            one_channel = isinstance(module, ConvToOneChannel)
-            mode = getattr(self.config, "one_channel_conv_init", "fan_out") if one_channel else "fan_out"
+            mode = self.config.one_channel_conv_init if isinstance(module, ConvToOneChannel) else "fan_out"
             init.kaiming_normal_(module.weight, mode=mode, nonlinearity="relu")
             if module.bias is not None:
                 init.zeros_(module.bias)
