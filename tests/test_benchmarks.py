@@ -323,9 +323,13 @@ def test_add_pointwise_conv_accumulates_in_place_and_is_counted() -> None:
     assert low.dtype == torch.bfloat16
 
 
-def test_dilated_depthwise_sum_matches_the_convolutions() -> None:
+@pytest.mark.parametrize("chunked", [False, True])  # large maps go a few channels per pass (`blocks._CHUNK_BYTES`)
+def test_dilated_depthwise_sum_matches_the_convolutions(chunked: bool, monkeypatch) -> None:
+    from modeling_stpnet import blocks
     from modeling_stpnet.blocks import dilated_depthwise_sum
 
+    if chunked:  # passes of 3, 3 and 2 of the 8 channels at 40 x 40, every channel at once on the smaller maps
+        monkeypatch.setattr(blocks, "_CHUNK_BYTES", 3 * 2 * 40 * 40 * 4)
     torch.manual_seed(0)
     convs = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=d, dilation=d, groups=8) for d in (6, 12, 18))
     for h, w in [(28, 20), (7, 9), (40, 40)]:
@@ -345,10 +349,16 @@ def test_dilated_depthwise_sum_matches_the_convolutions() -> None:
 
 
 @pytest.mark.parametrize("size", [(28, 20), (7, 9)])  # with every tap, and with taps wholly in the padding
-def test_dilated_depthwise_sum_has_the_gradients_of_the_convolutions(size: tuple[int, int]) -> None:
+@pytest.mark.parametrize("chunked", [False, True])
+def test_dilated_depthwise_sum_has_the_gradients_of_the_convolutions(
+    size: tuple[int, int], chunked: bool, monkeypatch
+) -> None:
     """Training uses the shifted sum's own backward on CPU: input, weight and bias gradients of the three convs."""
+    from modeling_stpnet import blocks
     from modeling_stpnet.blocks import dilated_depthwise_sum
 
+    if chunked:
+        monkeypatch.setattr(blocks, "_CHUNK_BYTES", 3 * 2 * size[0] * size[1] * 4)  # passes of 3, 3 and 2 channels
     torch.manual_seed(0)
     convs = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=d, dilation=d, groups=8) for d in (6, 12, 18))
     x = torch.randn(2, 8, *size, requires_grad=True)
