@@ -229,15 +229,15 @@ def _shifted_taps_sum(
     taps = _taps(dilations, h, w)
     for start in range(0, c, chunk):
         part = slice(start, start + chunk)
-        xs, ws, os = x[:, part], weight[:, part], out[:, part]
+        xs, ws, outs = x[:, part], weight[:, part], out[:, part]
         center = ws[:, :, 1, 1].sum(0).view(1, -1, 1, 1)
         if bias is None:
-            torch.mul(xs, center, out=os)
+            torch.mul(xs, center, out=outs)
         else:
-            torch.addcmul(bias[part].view(1, -1, 1, 1), xs, center, out=os)
+            torch.addcmul(bias[part].view(1, -1, 1, 1), xs, center, out=outs)
         for k, i, j, dy, dx in taps:
             target, source = _windows(h, w, -dy, -dx) if reverse else _windows(h, w, dy, dx)
-            os[target].addcmul_(xs[source], ws[k, :, i, j].view(1, -1, 1, 1))
+            outs[target].addcmul_(xs[source], ws[k, :, i, j].view(1, -1, 1, 1))
     return out
 
 
