@@ -53,7 +53,7 @@ class STPNetConfig(PretrainedConfig):
             the encoder's features without passing its gradients back into the encoder (training only; the encoder
             then learns from the segmentation alone, as beside a separate retrieval backbone). Without it the
             retrieval losses reshape the encoder: on QaTa-COV19 at 600 CPU steps that cost 0.055 Dice on the
-            selection split (README, "Benchmarks").
+            selection split (STPNet repository, `benchmarks/QUALITY.md`, section 4).
         use_ssa (`bool`), use_text (`bool`): ablation switches (no Spatial Scale-aware modules; no text at all,
             which leaves the U-shape with its transformer branch but no prompts and no retrieval).
         ssa_dilations (`list[int]`, defaults to `[6, 12, 18]`): dilations of the SSA modules' parallel depthwise
@@ -63,14 +63,14 @@ class STPNetConfig(PretrainedConfig):
             scale, so each SSA starts as the identity and a fresh encoder as the one without SSA (torchvision's
             `zero_init_residual`). With `False` (the usual BatchNorm init; the paper does not say) each SSA adds a
             unit-variance random branch to features of std about 0.6. Chosen on the selection splits of the CPU
-            recipes (README, "Starting each SSA as the identity"). Only a fresh model's init changes; trained
+            recipes (`benchmarks/QUALITY.md`, section 10). Only a fresh model's init changes; trained
             weights load unchanged.
         one_channel_conv_init (`str`, defaults to `"fan_in"`): He-normal mode of the convolutions to one channel
             (the mask head and SSA's spatial gates); every other convolution uses `fan_out`. In `fan_out` mode their
             fan is 1, so their weights have std sqrt(2) whatever their input width and a fresh model's logits have
             std 3-6 (BCE 2.5-5 on the first batches); `fan_in` scales the same draws by 1/sqrt(width) (logits of
             std about 1). Chosen on the CPU recipes' selection splits: with `fan_out` one Kvasir-SEG seed in three
-            stalled (README, "The last stall: the mask head's init"). Only a fresh model's init changes; trained
+            stalled (`benchmarks/QUALITY.md`, section 12). Only a fresh model's init changes; trained
             weights load unchanged.
         encoder_text_channel (`bool`, defaults to True): with a separate retrieval backbone, the scale's prompt
             enters each down block as an extra text-similarity channel, as the paper; `False` is the ablation
