@@ -6,7 +6,7 @@ retrieval network's norm is tens of times the segmentation network's, and in stp
 it averages 5.9 against 2.3 over the first 100 steps, later 1.5-3.2 against 1.0-1.2. Clipping their joint norm lets
 the retrieval losses set the size of every segmentation step; `clip_retrieval_separately` clips each network's
 norm on its own (measured: no better selection Dice at 600 steps, too early for the stall it was meant to address;
-one full-recipe run that stalled without it did not with it: README "Gradient clipping").
+one full-recipe run that stalled without it did not with it: `benchmarks/QUALITY.md`, section 6).
 """
 
 from __future__ import annotations
