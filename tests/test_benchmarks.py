@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from benchmarks import breakdown, common, quality, quality_report, speed
+from benchmarks import breakdown, common, device_checks, quality, quality_report, speed
 from modeling_stpnet.training import load_repository
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -238,23 +238,52 @@ def test_breakdown_against_a_git_revision() -> None:
         assert result["equivalence"]["loss_diff"] == 0.0 and result["equivalence"]["max_abs_grad_diff"] == 0.0
 
 
+# ---------------------------------------------------------------------------------------------------- device checks
+def test_device_checks_rehearsal_writes_what_comes_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The GPU script's every step at CPU-sized settings: at most 8 files (what the GPU machine sends back), each
+    results file in the agreed shape, and a summary that names every step."""
+    assert device_checks.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) <= 8 and {"device_checks.log", "device_checks.json", "speed-gpu.json"} <= set(files)
+    summary = json.loads((tmp_path / "device_checks.json").read_text())
+    names = ["info", "tests", "speed", "speed-compile-fp32", "speed-compile-bf16"]
+    assert [s["step"] for s in summary["steps"]] == names and summary["not_passed"] == []
+    for name in ("speed-gpu", "speed-gpu-compile-fp32", "speed-gpu-compile-bf16"):
+        rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+        assert rows and all(REQUIRED_SPEED_KEYS <= set(r) for r in rows)
+        assert (tmp_path / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+    log = (tmp_path / "device_checks.log").read_text()
+    assert "=== speed-compile-bf16" in log and "skipped" in log  # the CUDA tests ran and skipped here
+    assert "wrote" in capsys.readouterr().out  # streamed to the console too
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_device_checks_stop_at_once_without_a_gpu(tmp_path: Path) -> None:
+    assert device_checks.main(["--out", str(tmp_path)]) == 1
+    summary = json.loads((tmp_path / "device_checks.json").read_text())
+    assert summary["steps"] == [{"step": "info", "exit_status": 3, "seconds": summary["steps"][0]["seconds"],
+                                 "timed_out": False}]  # fmt: skip
+    assert summary["not_passed"] == ["info"]
+
+
+def test_device_checks_step_out_of_time_is_killed_and_recorded(tmp_path: Path) -> None:
+    import sys
+
+    with open(tmp_path / "log", "w") as log:
+        command = [sys.executable, "-c", "import time; print('started'); time.sleep(60)"]
+        status, timed_out = device_checks.run_step(command, 2, log)
+    assert timed_out and status != 0
+    assert "started" in (tmp_path / "log").read_text()
+
+
 # ---------------------------------------------------------------------------------------------------- optimisations
-def _randomise_batchnorm(model: torch.nn.Module) -> None:
-    """Non-trivial running statistics, so folding BatchNorm into convolutions is really exercised."""
-    g = torch.Generator().manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.copy_(0.2 * torch.randn(module.num_features, generator=g))
-            module.running_var.copy_(0.5 + 1.5 * torch.rand(module.num_features, generator=g))
-            module.weight.data.copy_(0.5 + torch.rand(module.num_features, generator=g))
-            module.bias.data.copy_(0.1 * torch.randn(module.num_features, generator=g))
-
-
 @pytest.mark.parametrize(
     ("backbone", "layout"),
     [("shared", torch.contiguous_format), ("resnet18", torch.contiguous_format), ("shared", torch.channels_last)],
 )
-def test_inference_fast_paths_compute_the_documented_function(backbone: str, layout: torch.memory_format) -> None:
+def test_inference_fast_paths_compute_the_documented_function(
+    backbone: str, layout: torch.memory_format, randomise_batchnorm
+) -> None:
     """SSA, FusionBlock and TokenGridToMap run cheaper code in eval mode; it must give the numbers of the plain
     (training-mode) code with BatchNorm in eval mode, in either memory layout."""
     from modeling_stpnet import STPNetForSemanticSegmentation
@@ -266,7 +295,7 @@ def test_inference_fast_paths_compute_the_documented_function(backbone: str, lay
     torch.manual_seed(0)
     model = STPNetForSemanticSegmentation(config).eval()
     with torch.no_grad():
-        _randomise_batchnorm(model)
+        randomise_batchnorm(model)
         model.to(memory_format=layout)
         x = torch.randn(2, 3, 160, 128).contiguous(memory_format=layout)  # non-square; 1/8 maps < largest dilation
         fast = model(x)
