@@ -241,7 +241,8 @@ def measure_memory(models: ModelSet, settings: list[Setting], device: torch.devi
 
 
 # ---------------------------------------------------------------------------------------------------- rows
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """All rows of the run; `progress` gets the payload so far after every setting (peak memory comes last)."""
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -303,6 +304,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 row["step_ms"] = row["latency_ms"]
             rows.append(row)
+        if progress is not None:
+            progress(results_payload(machine, "not measured yet", rows, complete=False))
 
     measured = [t for t in settings if args.memory_all or t.mode == "train" or t.batch == args.latency_batch]
     method, peaks = ("skipped (--no-memory)", {}) if args.no_memory else measure_memory(models, measured, device)
@@ -313,7 +316,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     machine["load_average_samples"] = load_samples
     machine["load_average_1_5_15_min_at_end"] = common.load_average()
+    return results_payload(machine, method, rows)
+
+
+def results_payload(
+    machine: dict[str, Any], memory_method: str, rows: list[dict[str, Any]], complete: bool = True
+) -> dict[str, Any]:
+    """The results file; `complete` is false in the copies written while the run goes on."""
     return {
+        "complete": complete,
         "machine": machine,
         "command": common.command_line(),
         "notes": {
@@ -325,7 +336,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "gmacs": "multiply-accumulates per image of one eval forward pass (torch.utils.flop_counter / 2)",
             "peak_memory_mb": "peak memory of one steady-state call above what was resident before it (weights_mb, "
             "and for train rows the AdamW state, 2 x weights): activations, workspace, gradients; measured at the "
-            "latency batch and for the training step (--memory-all: every row). Method: " + method,
+            "latency batch and for the training step (--memory-all: every row). Method: " + memory_method,
             "models": "random weights; STPNet text embeddings are the built-in placeholders (same cost as encoded)",
             "load": "load averages sampled after each setting; the machine is shared, so compare ratios, not ms",
         },
@@ -438,14 +449,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         m = payload["machine"]
         print(f"\n{m['cpu']} ({m['device']}), {m['torch_threads']} torch threads: `{payload['command']}`")
         return payload
-    payload = run(args)
     out = Path(args.output_dir)
-    json_path = common.write_results(out / f"{args.name}.json", payload)
-    print_table(payload)
+    # Rewritten after every setting, so a run stopped at a time limit (a GPU lease) keeps the rows it measured.
+    results = run(args, progress=lambda partial: common.write_results(out / f"{args.name}.json", partial))
+    json_path = common.write_results(out / f"{args.name}.json", results)
+    print_table(results)
     print(f"wrote {json_path}")
-    if not args.no_chart and (chart := plot(payload, out / f"{args.name}.png")):
+    if not args.no_chart and (chart := plot(results, out / f"{args.name}.png")):
         print(f"wrote {chart}")
-    return payload
+    return results
 
 
 if __name__ == "__main__":

@@ -31,15 +31,25 @@ def test_model_names_and_unet_references() -> None:
     assert common.variant_name("stpnet-tiny", "no-text") == "stpnet-tiny-no-text"
 
 
-def test_speed_writes_rows_with_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_speed_writes_rows_with_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     argv = [
         "--small", "--presets", "stpnet-tiny", "--sizes", "64", "--repeats", "2", "--throughput-batch", "2",
         "--throughput-repeats", "1", "--train-batch", "1", "--train-repeats", "1", "--threads", "1",
         "--memory-all", "--output-dir", str(tmp_path), "--name", "speed-test", "--variants", "fp32", "bf16",
     ]  # fmt: skip
+    written = []  # the results file is rewritten after every setting, so a run cut off keeps its rows
+    real_write = common.write_results
+    monkeypatch.setattr(
+        common, "write_results", lambda path, data: written.append(copy.deepcopy(data)) or real_write(path, data)
+    )
     speed.main(argv)
+    assert [len(w["rows"]) for w in written] == [3, 6, 9, 12, 15, 15]  # 5 settings of 3 models, then the whole
+    assert [w["complete"] for w in written] == [False] * 5 + [True]
+    assert all(r["peak_memory_mb"] is None for r in written[0]["rows"])
     payload = json.loads((tmp_path / "speed-test.json").read_text())
-    assert {"machine", "command", "rows"} <= set(payload)
+    assert payload["complete"] and {"machine", "command", "rows"} <= set(payload)
     assert payload["machine"]["load_average_1_5_15_min_at_start"] is not None
     rows = payload["rows"]
     assert {r["model"] for r in rows} == {"unet-c16", "stpnet-tiny", "stpnet-tiny-shared"}
