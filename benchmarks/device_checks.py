@@ -17,9 +17,10 @@ Steps, each a subprocess with its own time limit, cut to what is left of `--budg
 
 It needs only torch, transformers, pytest and matplotlib (no dataset, no text encoder: the models keep their
 placeholder text embeddings, which cost the same as encoded ones). A step that fails or runs out of time is recorded
-and the next one still runs. Everything printed also goes to `<out>/device_checks.log`, and a summary (per step: exit
-status, seconds, timed out) to `<out>/device_checks.json`; the exit status is non-zero if any step failed, timed out or
-was skipped.
+and the next one still runs (speed.py rewrites its results file after every setting, so a step cut off keeps the rows
+it measured, marked `"complete": false`). Everything printed also goes to `<out>/device_checks.log`, and a summary
+(per step: exit status, seconds, timed out) to `<out>/device_checks.json`; the exit status is non-zero if any step
+failed, timed out or was skipped.
 Copy the JSON and PNG files into `benchmarks/results/` to commit them.
 """
 
