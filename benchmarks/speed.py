@@ -450,9 +450,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\n{m['cpu']} ({m['device']}), {m['torch_threads']} torch threads: `{payload['command']}`")
         return payload
     out = Path(args.output_dir)
+    json_path = out / f"{args.name}.json"
     # Rewritten after every setting, so a run stopped at a time limit (a GPU lease) keeps the rows it measured.
-    results = run(args, progress=lambda partial: common.write_results(out / f"{args.name}.json", partial))
-    json_path = common.write_results(out / f"{args.name}.json", results)
+    results = run(args, progress=lambda partial: common.write_results(json_path, partial))
+    common.write_results(json_path, results)
     print_table(results)
     print(f"wrote {json_path}")
     if not args.no_chart and (chart := plot(results, out / f"{args.name}.png")):

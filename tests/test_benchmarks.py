@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -277,8 +278,6 @@ def test_device_checks_stop_at_once_without_a_gpu(tmp_path: Path) -> None:
 
 
 def test_device_checks_step_out_of_time_is_killed_and_recorded(tmp_path: Path) -> None:
-    import sys
-
     with open(tmp_path / "log", "w") as log:
         command = [sys.executable, "-c", "import time; print('started'); time.sleep(60)"]
         status, timed_out = device_checks.run_step(command, 2, log)

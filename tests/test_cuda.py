@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_stpnet import STPNetConfig, STPNetForSemanticSegmentation, STPNetImageProcessor
+from benchmarks import common
+from modeling_stpnet import STPNetForSemanticSegmentation, STPNetImageProcessor
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,9 +36,7 @@ def exact_float32() -> Iterator[None]:
 
 
 def tiny(randomise_batchnorm, **overrides) -> STPNetForSemanticSegmentation:
-    config = STPNetConfig.from_json_file(str(ROOT / "configuration" / "models" / "stpnet-tiny.json"))
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    config = common.variant_config(common.preset_configs(["stpnet-tiny"])["stpnet-tiny"], "default", **overrides)
     torch.manual_seed(0)
     model = STPNetForSemanticSegmentation(config)
     with torch.no_grad():
