@@ -95,16 +95,11 @@ def card_values(model_dir: Path, metrics: dict[str, Any], repo_id: str) -> dict[
     known = DATASETS.get(repository, {"name": repository, "origin": "user-defined", "citation": ""})
     split = metrics.get("split", "test")
     retrieval = (metrics.get("retrieval_accuracy") or {}).get("mean")
-    note = (
-        "These are **validation** numbers: the split was also used to select the checkpoint."
-        if split in ("validation", "valid", "val")
-        else "The test split was never used for selection or early stopping."
-    )
     data, optim = train.get("data", {}), train.get("train", {})
+    length = f"{optim['max_steps']} steps" if optim.get("max_steps") else f"{optim.get('epochs', '?')} epochs"
     training = (
         f"{optim.get('optimizer', '?')} lr {optim.get('lr', '?')} ({optim.get('scheduler', '?')} schedule), batch "
-        f"{optim.get('batch_size', '?')}, {optim.get('max_steps') or str(optim.get('epochs', '?')) + ' epochs'} "
-        f"{'steps' if optim.get('max_steps') else ''}, seed {optim.get('seed', '?')}, augmentation "
+        f"{optim.get('batch_size', '?')}, {length}, seed {optim.get('seed', '?')}, augmentation "
         f"{'on' if train.get('augment', {}).get('enabled') else 'off'}; full config in `train_config.yaml`."
         if train
         else "see the training configuration that came with this checkpoint."
@@ -122,7 +117,7 @@ def card_values(model_dir: Path, metrics: dict[str, Any], repo_id: str) -> dict[
         "input_dice": _fmt((metrics.get("input_resolution") or {}).get("dice")),
         "retrieval_mean": _fmt(retrieval),
         "num_images": str(metrics.get("num_images", "?")),
-        "results_note": note,
+        "results_note": results_note(data if train else None, split),
         "base_channels": str(config.get("base_channels")),
         "retrieval_backbone": str(config.get("retrieval_backbone")),
         "num_parameters": f"{parameters / 1e6:.2f}",
@@ -136,6 +131,20 @@ def card_values(model_dir: Path, metrics: dict[str, Any], repo_id: str) -> dict[
         "training_summary": training,
         "dataset_citation": known["citation"],
     }
+
+
+def results_note(data: dict[str, Any] | None, split: str) -> str:
+    """Whether the reported split also selected the checkpoint, from the training config's data section (None when
+    the checkpoint came without ``train_config.yaml``). A run that carves its selection split out of train
+    (``validation_from_train`` > 0, as the QaTa-COV19 recipes do) never selects on the dataset's validation split."""
+    if data is None:
+        return "How the checkpoint was selected is not recorded (no `train_config.yaml`)."
+    if not data.get("validation_from_train") and split == data.get("validation_split", "validation"):
+        return (
+            f"Split `{split}` was also used to select the checkpoint, so these numbers are optimistic; evaluate on "
+            "a split the run never saw for an unbiased estimate."
+        )
+    return f"Split `{split}` was never used for selection or early stopping."
 
 
 def _data_description(data: dict[str, Any], metrics: dict[str, Any], split: str) -> str:

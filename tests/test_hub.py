@@ -94,6 +94,8 @@ def test_dry_run_folder_has_the_card_and_loads_with_remote_code(tmp_path: Path) 
     assert card.startswith("---\nlicense: apache-2.0") and "${" not in card
     assert "value: 0.8123" in card and "| Dice (per-image mean) | 0.8123 |" in card and "Kvasir-SEG" in card
     assert "Jha" in card and "shan2025stpnet" in card and "Limitations" in card and "Intended use" in card
+    assert ", 40 epochs, seed 0, augmentation on;" in card
+    assert "Split `test` was never used for selection or early stopping." in card
 
     (tmp_path / "check.py").write_text(CHECK)
     check = [sys.executable, "-I", str(tmp_path / "check.py"), str(folder), str(tmp_path / "x.pt")]
@@ -125,14 +127,31 @@ class FakeHfApi:
         FakeHfApi.calls.append(("upload_folder", {"repo_id": repo_id, "files": files, **kwargs}))
 
 
-def test_upload_sends_the_dry_run_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+def load_push_module():
     import importlib.util
-
-    import huggingface_hub
 
     spec = importlib.util.spec_from_file_location("push_to_hub", PUSH)
     push = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(push)
+    return push
+
+
+def test_card_says_whether_the_reported_split_selected_the_checkpoint() -> None:
+    note = load_push_module().results_note
+    # QaTa-COV19 recipe: selected on a carve of train, reported on the official validation split
+    carved = {"validation_split": "validation", "validation_from_train": 0.1}
+    assert note(carved, "validation") == "Split `validation` was never used for selection or early stopping."
+    selected_on_it = {"validation_split": "validation", "validation_from_train": 0.0}
+    assert "also used to select the checkpoint" in note(selected_on_it, "validation")
+    assert "never used" in note(selected_on_it, "test")
+    assert "also used to select" in note({"validation_split": "test"}, "test")  # selecting on test is flagged too
+    assert "not recorded" in note(None, "test")
+
+
+def test_upload_sends_the_dry_run_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    import huggingface_hub
+
+    push = load_push_module()
     config = load_train_config(SAMPLE_CONFIG, ["data.image_size=64", "model.overrides={base_channels: 8}"])
     best = tmp_path / "run" / "best"
     build_stpnet_model(config, load_repository(config)).save_pretrained(best)
