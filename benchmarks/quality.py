@@ -241,7 +241,13 @@ def train_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, b
     built: dict[str, int] = {}
     result = None if args.retrain else finished_run(run_dir, config.to_yaml(), settings)
     if result is None:
-        result = run_training(config, model_factory=model_factory(variant, base_channels, built))
+        resume = not args.retrain and interrupted_run(run_dir, config.to_yaml(), settings)
+        if resume:
+            print(f"[quality] resuming the interrupted run in {run_dir} from its last checkpoint", flush=True)
+        # The run folders belong to the benchmark: a row that is neither reused nor resumed replaces its folder.
+        result = run_training(
+            config, model_factory=model_factory(variant, base_channels, built), resume=resume, overwrite=not resume
+        )
     else:
         print(f"[quality] reusing the finished run in {run_dir} (same config; --retrain to train again)", flush=True)
         built["params"] = result["num_parameters"]
@@ -289,6 +295,24 @@ def finished_run(run_dir: Path, config_yaml: str, model_settings: dict[str, Any]
         print(f"[quality] retraining {run_dir}: its model was built with other settings: {described}", flush=True)
         return None
     return result
+
+
+def interrupted_run(run_dir: Path, config_yaml: str, model_settings: dict[str, Any]) -> bool:
+    """Whether `run_dir` holds an unfinished run of exactly this training config and model settings with a
+    checkpoint to continue from (a finished run, or one of another config, is reused or replaced instead)."""
+    from modeling_stpnet.training.checkpoints import checkpoint_steps
+
+    try:
+        same_config = (run_dir / "train_config.yaml").read_text() == config_yaml
+    except OSError:
+        return False
+    if not same_config or (run_dir / "run.json").exists() or not checkpoint_steps(run_dir):
+        return False
+    try:
+        saved_model = json.loads((run_dir / "best" / "config.json").read_text())
+    except (OSError, ValueError):
+        return True  # no model selected yet: the checkpoint alone says how far it got
+    return not common.model_settings_changes(saved_model, model_settings)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -9,8 +9,9 @@ Examples::
         --repo-id me/stpnet-kvasir-seg          # needs a network and `hf auth login`
 
 ``--dry-run DIR`` writes exactly the folder that would be uploaded (checkpoint files + README.md + metrics.json) and
-uploads nothing. Without ``--metrics`` the script looks for ``test/metrics.json`` and ``evaluation/metrics.json``
-next to the checkpoint folder.
+uploads nothing. DIR is replaced only when it is empty or an earlier dry-run folder (nothing in it but names this
+script writes); any other folder, and any folder that is, holds or lies inside the checkpoint, is refused. Without
+``--metrics`` the script looks for ``test/metrics.json`` and ``evaluation/metrics.json`` next to the checkpoint folder.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "model_card.md"
 REQUIRED = ("config.json", "model.safetensors")
+CARD_FILES = ("README.md", "metrics.json")
+# The files a training checkpoint holds (save_pretrained, the image processor, remote code, training records), so a
+# dry-run folder written from an earlier checkpoint is still recognised when the current one lacks one of them.
+CHECKPOINT_FILES = (
+    *REQUIRED,
+    "preprocessor_config.json",
+    "train_config.yaml",
+    "selection.json",
+    "generation_config.json",
+)
 
 DATASETS = {
     "kvasir-seg": {
@@ -184,6 +195,49 @@ def build_folder(model_dir: Path, metrics: dict[str, Any], repo_id: str, folder:
     return folder
 
 
+def check_dry_run_folder(folder: Path, model_dir: Path) -> None:
+    """Raises ValueError unless replacing ``folder`` with the upload folder of ``model_dir`` loses nothing: it must
+    not be, hold or lie inside the checkpoint, and a non-empty one may hold only names :func:`build_folder` writes
+    (i.e. be an earlier dry run)."""
+    target, model = folder.resolve(), model_dir.resolve()
+    if target == model or target in model.parents or model in target.parents:
+        raise ValueError(
+            f"--dry-run {folder} is, holds or lies inside the checkpoint folder {model_dir}; choose a separate "
+            "folder (e.g. next to the checkpoint: <run>/hub)"
+        )
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"--dry-run {folder} is a file, not a folder; give a new or an earlier dry-run folder")
+    # save_pretrained copies the package's modules as remote code: any of them may be in an earlier dry run
+    remote_code = {p.name for p in (ROOT / "modeling_stpnet").glob("*.py")}
+    ours = {*CARD_FILES, *CHECKPOINT_FILES, *remote_code, *(p.name for p in model_dir.iterdir() if p.is_file())}
+    unexpected = sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in folder.iterdir()
+        if p.is_dir() or p.is_symlink() or p.name not in ours
+    )
+    if unexpected:
+        shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        raise ValueError(
+            f"--dry-run {folder} is not empty and is not an earlier dry-run folder (it holds {shown}); nothing was "
+            "written. Give a new or empty folder, or one an earlier --dry-run wrote (checkpoint files, README.md, "
+            "metrics.json only), which is replaced"
+        )
+
+
+def replace_dry_run_folder(model_dir: Path, metrics: dict[str, Any], repo_id: str, folder: Path) -> Path:
+    """Checks ``folder`` (:func:`check_dry_run_folder`), empties it and writes the upload folder into it."""
+    missing = [name for name in REQUIRED if not (model_dir / name).is_file()]
+    if missing:  # before anything in the old dry run is removed
+        raise FileNotFoundError(f"{model_dir} is not a checkpoint folder: missing {missing}")
+    check_dry_run_folder(folder, model_dir)
+    if folder.is_dir():
+        for path in folder.iterdir():  # only plain files, each a name build_folder writes (checked above)
+            path.unlink()
+    return build_folder(model_dir, metrics, repo_id, folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.dry_run is None and not args.repo_id:
@@ -193,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = find_metrics(args.model, args.metrics)
         if args.dry_run is not None:
-            shutil.rmtree(args.dry_run, ignore_errors=True)
-            build_folder(args.model, metrics, repo_id, args.dry_run)
+            replace_dry_run_folder(args.model, metrics, repo_id, args.dry_run)
             print(f"dry run: the upload folder is {args.dry_run} (nothing uploaded)")
             return 0
         import huggingface_hub

@@ -7,10 +7,13 @@ Examples::
     python hub_scripts/train.py --config configuration/train/kvasir-seg.yaml --dataset outputs/data/kvasir-seg \
         --output-dir outputs/kvasir --set train.lr=1e-3 --set model.overrides.retrieval_backbone=shared
     python hub_scripts/train.py --config configuration/train/kvasir-seg.yaml --output-dir outputs/kvasir --resume
+    python hub_scripts/train.py --config configuration/train/sample-tiny.yaml --output-dir outputs/a --overwrite
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 hub_scripts/train.py --config ...
 
 ``--set section.key=value`` (repeatable) overrides any key of the YAML file; values are parsed as YAML. The selected
-model (best validation Dice) is written to ``<output-dir>/best`` with ``save_pretrained``.
+model (best validation Dice) is written to ``<output-dir>/best`` with ``save_pretrained``. An output folder that
+already holds a run's results is refused unless ``--resume`` (continue that run) or ``--overwrite`` (replace it;
+only the files a run writes are removed) is given.
 """
 
 from __future__ import annotations
@@ -45,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the latest checkpoint in <output-dir>/checkpoints, or from the folder given",
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in <output-dir> (removes only the files a run writes: best/, checkpoints/, "
+        "history, logs, test/ metrics); without it or --resume such a folder is refused",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = apply_overrides(read_config_file(args.config), args.overrides)
         config = config_from_dict(apply_overrides(data, {k: v for k, v in flags.items() if v is not None}))
-        result = run_training(config, resume=args.resume)
+        result = run_training(config, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

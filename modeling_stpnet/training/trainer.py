@@ -37,7 +37,7 @@ from ..data import MaskDescriber, load_stpnet_dataset
 from ..image_processing_stpnet import STPNetImageProcessor
 from ..text_repository import ScaleAwareTextRepository
 from .augment import TextLabelPolicy
-from .checkpoints import find_checkpoint, save_best, save_checkpoint
+from .checkpoints import check_output_dir, clear_run, save_best, save_checkpoint
 from .config import ConfigError, TrainConfig, config_from_dict, load_train_config, resolve_path
 from .data import EpochBatchSampler, SegmentationDataset, carve_validation_split, make_loader, model_inputs
 from .evaluation import evaluate_split, validate
@@ -85,6 +85,7 @@ def run_training(
     config: TrainConfig | dict | str | os.PathLike,
     model_factory: ModelFactory | None = None,
     resume: bool | str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train, select on validation Dice, save the best model, optionally evaluate it on ``data.test_split``.
 
@@ -93,19 +94,28 @@ def run_training(
         model_factory: builds the model from the config and the text repository (default: STPNet from
             ``model.preset``; see the module docstring for what another model must provide).
         resume: ``True``/``"latest"`` for the newest checkpoint in ``<output_dir>/checkpoints``, or a folder.
+        overwrite: replace an earlier run in ``output_dir`` (only the files a run writes are removed). Without it
+            (or ``resume``), an ``output_dir`` that holds a run's results (``best/``, ``checkpoints/``, history
+            files) raises :class:`ConfigError` before anything is trained or written.
 
     Returns:
         ``{"output_dir", "best_dir", "best_val_dice", "best_step", "steps", "stopped_early", "history" (one dict per
         evaluation), "test_metrics" (dict or None), "world_size", "is_main_process"}``; ``test_metrics`` is filled on
         the main process only.
     """
-    return Trainer(as_train_config(config), model_factory).fit(resume)
+    return Trainer(as_train_config(config), model_factory, resume=resume, overwrite=overwrite).fit()
 
 
 class Trainer:
     """One training run; :func:`run_training` is the way to use it."""
 
-    def __init__(self, cfg: TrainConfig, model_factory: ModelFactory | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model_factory: ModelFactory | None = None,
+        resume: bool | str | os.PathLike | None = None,
+        overwrite: bool = False,
+    ) -> None:
         self.cfg = cfg
         t = cfg.train
         self.output_dir = Path(cfg.output_dir)
@@ -117,6 +127,14 @@ class Trainer:
             project_dir=str(self.output_dir),
         )
         self.main = self.accelerator.is_main_process
+        # Before the data and the model are built, so a refused run fails at once; every process looks before the
+        # main one clears anything, so they all take the same decision.
+        self.checkpoint = check_output_dir(self.output_dir, resume, overwrite)
+        if overwrite:
+            self.accelerator.wait_for_everyone()
+            if self.main and clear_run(self.output_dir):
+                self.accelerator.print(f"overwrite: removed the earlier run's files from {self.output_dir}")
+            self.accelerator.wait_for_everyone()
         self.started = time.time()
         set_seed(t.seed)
 
@@ -148,9 +166,9 @@ class Trainer:
         self.accelerator.register_for_checkpointing(self.scheduler, self.state)
 
     # ------------------------------------------------------------------ the run
-    def fit(self, resume: bool | str | os.PathLike | None = None) -> dict[str, Any]:
+    def fit(self) -> dict[str, Any]:
         acc, t = self.accelerator, self.cfg.train
-        checkpoint = find_checkpoint(self.output_dir, resume) if resume else None
+        checkpoint = self.checkpoint
         if checkpoint is not None:
             acc.load_state(str(checkpoint))
             s = self.state
