@@ -13,10 +13,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+# The image processor travels alone into every saved checkpoint (remote code cannot import this package), so the
+# mask and alpha rules live there and this module calls them: a file means the same to the converters, the CLI and
+# the Python API.
+from ..image_processing_stpnet import ACCEPTED_MASKS, mask_to_bool, pil_to_array, to_rgb_array
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 ACCEPTED_IMAGES = (
-    "PNG/JPEG/BMP/TIFF/GIF/WebP in mode RGB, RGBA, L, LA, P (palette), 1, CMYK, YCbCr, I;16 (16-bit), I or F"
+    "PNG/JPEG/BMP/TIFF/GIF/WebP in mode RGB, RGBA, L, LA, P (palette), 1, CMYK, YCbCr, HSV, LAB, I;16 (16-bit), I or F"
 )
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 class DataError(ValueError):
@@ -33,6 +39,9 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             handle.load()
             image = handle.copy()
             image.format = handle.format  # copy() drops the format, and we use it to decide re-encoding
+            # ...and the file name, which mask errors must name; not as `filename`, which `datasets` would store
+            # as a path instead of the bytes
+            image._stpnet_source = str(path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DataError(f"{path}: unreadable image ({error}); accepted: {ACCEPTED_IMAGES}") from error
     return image
@@ -61,23 +70,25 @@ def _wide_to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (16-bit scaled by 1/257, alpha dropped, palettes expanded)."""
+    """Convert any PIL mode to 8-bit RGB: 16-bit scaled by 1/257, palettes expanded, other colour spaces (CMYK,
+    YCbCr, HSV, LAB) converted by PIL, alpha composited over black as the image processor does."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if image.mode in _WIDE_MODES:
         gray = _wide_to_uint8(np.asarray(image))
         return Image.fromarray(gray, mode="L").convert("RGB")
-    if image.mode == "P":
-        # palette images may carry transparency; going through RGBA keeps PIL from warning and drops it cleanly
-        image = image.convert("RGBA")
-    return image.convert("RGB")
+    array = pil_to_array(image)  # L, 1, RGB or RGBA after conversion
+    unit = (array.astype(np.float32) / (1.0 if array.dtype == np.bool_ else 255.0)).reshape(*array.shape[:2], -1)
+    rgb = np.clip(np.round(to_rgb_array(unit) * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(rgb, mode="RGB")
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Load an image file as an 8-bit RGB PIL image.
 
-    Accepts RGB, RGBA/LA (alpha dropped), palette, grayscale, 1-bit, CMYK, 16-bit grayscale (scaled 0..65535 ->
-    0..255) and 32-bit integer/float images. Raises :class:`DataError` naming the file otherwise.
+    Accepts RGB, RGBA/LA (alpha composited over black), palette, grayscale, 1-bit, CMYK, YCbCr, HSV, LAB, 16-bit
+    grayscale (scaled 0..65535 -> 0..255) and 32-bit integer/float images. Raises :class:`DataError` naming the file
+    otherwise.
     """
     image = open_image(path)
     try:
@@ -91,37 +102,18 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 def mask_array(image: Image.Image, threshold: int = 127) -> np.ndarray:
     """Binary lesion mask (``np.bool_``, H x W) from a PIL image of any mode.
 
-    Rules, so that common mask encodings all work:
-      * 0/1 masks (maximum value 1, any bit depth) -> foreground = value > 0;
-      * palette masks -> foreground = palette index > 0 (index 0 is background by convention);
-      * 16-bit / 32-bit / float masks are scaled to 8 bit like images, then thresholded;
-      * colour masks -> foreground where the brightest channel is above ``threshold`` (a red mask works);
-      * RGBA/LA masks whose colour is constant use the alpha channel instead.
-    ``threshold`` is on the 0..255 scale; JPEG masks need it because compression blurs the 0/255 edges.
+    The rule is the image processor's (:func:`~modeling_stpnet.image_processing_stpnet.mask_to_bool`), so training,
+    conversion and evaluation read a mask alike: two values ``{0, v}`` -> lesion = ``v`` (0/1, 0/255, 0/4095...);
+    more values -> thresholded at ``threshold`` (0..255 scale, i.e. half the range by default) only if near-binary,
+    as JPEG masks are. Label maps (``{0, 1, 2}``), images and masks whose lesion would vanish raise
+    :class:`DataError` naming the file (when the image came from :func:`open_image`), the values and what is accepted.
     """
-    if image.mode == "1":
-        return np.asarray(image, dtype=bool).copy()
-    if image.mode == "P":
-        return np.asarray(image) > 0
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        raw = np.asarray(image)
-        if raw.size and raw.max() <= 1:
-            return raw > 0
-        return _wide_to_uint8(raw) > threshold
-    if image.mode in ("RGBA", "LA", "PA"):
-        colour = np.asarray(image.convert("RGB" if image.mode != "LA" else "L"))
-        alpha = np.asarray(image.getchannel("A"))
-        if colour.size and colour.min() == colour.max() and alpha.min() != alpha.max():
-            return alpha > threshold
-        image = image.convert("RGB" if image.mode != "LA" else "L")
-    if image.mode not in ("L", "RGB"):
-        image = image.convert("RGB")
-    values = np.asarray(image)
-    if values.ndim == 3:
-        values = values.max(axis=2)
-    if values.size and values.max() <= 1:
-        return values > 0
-    return values > threshold
+    where = str(getattr(image, "_stpnet_source", "") or getattr(image, "filename", "") or "mask")
+    try:
+        return mask_to_bool(image, threshold / 255.0, where=where)
+    except ValueError as error:
+        message = str(error)
+        raise DataError(message if message.startswith(where) else f"{where}: {message}") from error
 
 
 def load_mask(path: str | os.PathLike, threshold: int = 127) -> np.ndarray:
@@ -129,9 +121,9 @@ def load_mask(path: str | os.PathLike, threshold: int = 127) -> np.ndarray:
     image = open_image(path)
     try:
         return mask_array(image, threshold)
-    except (OSError, ValueError) as error:
+    except OSError as error:
         raise DataError(
-            f"{path}: cannot read mode {image.mode} as a binary mask ({error}); accepted: {ACCEPTED_IMAGES}"
+            f"{path}: cannot read mode {image.mode} as a mask ({error}); accepted: {ACCEPTED_MASKS}"
         ) from error
 
 
