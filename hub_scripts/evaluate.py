@@ -9,7 +9,8 @@ Examples::
 
 Without ``--dataset`` it evaluates on the bundled Kvasir-SEG sample's test split. Writes ``metrics.json`` (``dice``
 and ``iou``: per-image means at the original mask resolution; ``input_resolution``: the same at the model's input
-size), ``per_image.csv`` and ``overlays/`` (PNG panels of the best and worst images).
+size), ``per_image.csv`` and ``overlays/`` (PNG panels of the best and worst images); an earlier evaluation in
+``--output-dir`` is only replaced with ``--overwrite``. Bad arguments, checkpoints or data exit with status 2.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 # This script's folder comes first on sys.path and its name would shadow the `evaluate` package: put the checkout
@@ -28,9 +30,11 @@ else:
     sys.path.insert(0, str(ROOT))
 
 from modeling_stpnet.data import DataError, load_stpnet_dataset  # noqa: E402
+from modeling_stpnet.predict import CheckpointError, load_checkpoint  # noqa: E402
 from modeling_stpnet.training.evaluation import evaluate_split  # noqa: E402
 
 DEFAULT_DATASET = ROOT / "sample" / "kvasir-seg-mini"
+RESULTS = ("metrics.json", "per_image.csv", "overlays")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,37 +45,64 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--output-dir", required=True, type=Path, help="where metrics.json etc. are written")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier evaluation in --output-dir (metrics.json etc.)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--overlays", type=int, default=4, help="best and worst images drawn (default 4 each)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
-def load_checkpoint(folder: Path):
-    """Model and image processor of a checkpoint folder, through the Auto classes and the folder's own code."""
-    import torch
-    from transformers import AutoImageProcessor, AutoModel
+def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
+    """Why ``output_dir`` cannot take the results, checked before the evaluation runs; None when it can."""
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                return f"--output-dir {output_dir} cannot be used: {folder} is a file; give a folder"
+            break
+    earlier = [name for name in RESULTS if (output_dir / name).exists()]
+    if earlier and not overwrite:
+        return (
+            f"--output-dir {output_dir} already holds an evaluation ({', '.join(earlier)}); pass --overwrite to "
+            "replace it, or choose another folder"
+        )
+    return None
 
-    from modeling_stpnet import STPNetImageProcessor
 
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
-    if (folder / "preprocessor_config.json").is_file():
-        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-    else:  # a checkpoint saved without its processor: the model's training size
-        size = int(getattr(model.config, "image_size", 224))
-        processor = STPNetImageProcessor(size={"height": size, "width": size})
-    return model.eval().to(torch.float32), processor
+def missing_text_columns(model: Any, split: Any) -> list[str]:
+    """Text categories of the model that the split has no label column for (their retrieval cannot be scored)."""
+    config = model.config
+    if not getattr(config, "use_text", False):
+        return []
+    return [c for c in getattr(config, "text_categories", []) or [] if c not in split.features]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.overlays < 0:
+        parser.error(f"--overlays must be 0 or more, got {args.overlays}")
     import torch
 
     if not (args.model / "config.json").is_file():
         print(f"error: {args.model} is not a checkpoint folder (no config.json)", file=sys.stderr)
         return 2
+    # Checked first, so a wrong folder fails now rather than after the whole evaluation.
+    problem = output_dir_problem(args.output_dir, args.overwrite)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, processor, notes = load_checkpoint(args.model, model_types=("stpnet", "stpnet-unet"))
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model = model.eval().to(torch.float32)
     dataset_path = args.dataset or str(DEFAULT_DATASET)
     try:
         dataset = load_stpnet_dataset(dataset_path, progress=not args.no_progress)
@@ -81,13 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.split not in dataset:
         print(f"error: {dataset_path} has splits {list(dataset)}, not {args.split!r}", file=sys.stderr)
         return 2
-    model, processor = load_checkpoint(args.model)
+    split = dataset[args.split]
+    missing = missing_text_columns(model, split)
+    if missing:
+        notes.append(
+            f"the {args.split} split has no label column {', '.join(repr(c) for c in missing)} (the model's text "
+            f"categories: {', '.join(model.config.text_categories)}), so retrieval accuracy is left out"
+        )
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     shown = args.dataset or str(DEFAULT_DATASET.relative_to(ROOT))
-    extra = {"model": str(args.model), "dataset": shown, "split": args.split}
+    extra = {"model": str(args.model), "dataset": shown, "split": args.split, **({"notes": notes} if notes else {})}
+    if args.overwrite and (args.output_dir / "overlays").is_dir():
+        for old in (args.output_dir / "overlays").glob("*.png"):  # else a smaller --overlays leaves old panels
+            old.unlink()
     metrics = evaluate_split(
         model,
         processor,
-        dataset[args.split],
+        split,
         args.output_dir,
         batch_size=args.batch_size,
         device=device,

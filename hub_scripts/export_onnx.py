@@ -2,7 +2,7 @@
 """Export a trained STPNet (or U-Net baseline) checkpoint to ONNX and check it against PyTorch with onnxruntime.
 
     python hub_scripts/export_onnx.py --model outputs/sample-tiny/best --output stpnet.onnx
-    python hub_scripts/export_onnx.py --model DIR --output model.onnx --image-size 352 --dynamic
+    python hub_scripts/export_onnx.py --model DIR --output model.onnx --image-size 352 --dynamic --overwrite
 
 Inputs: `pixel_values` (B, 3, H, W), normalised as `STPNetImageProcessor` does (H, W multiples of 32).
 Outputs: `logits` (B, 1, H, W); for STPNet also `retrieval_logits_<category>` (B, n_k) per text category and
@@ -17,7 +17,6 @@ a fixed random tensor) and prints the max abs logit difference and the mask agre
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
@@ -30,8 +29,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from modeling_stpnet import STPNetForSemanticSegmentation, STPNetImageProcessor  # noqa: E402
-from modeling_stpnet.unet import UNetForSemanticSegmentation  # noqa: E402
+from modeling_stpnet import STPNetImageProcessor  # noqa: E402
+from modeling_stpnet.predict import CheckpointError, load_checkpoint  # noqa: E402
 
 DEFAULT_OPSET = 18
 
@@ -51,10 +50,11 @@ class ExportWrapper(nn.Module):
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """STPNet or the U-Net baseline from a `save_pretrained` folder, picked by the config's model_type."""
-    config = json.loads((Path(path) / "config.json").read_text())
-    cls = UNetForSemanticSegmentation if config.get("model_type") == "stpnet-unet" else STPNetForSemanticSegmentation
-    return cls.from_pretrained(str(path)).eval()
+    """STPNet or the U-Net baseline from a `save_pretrained` folder, checked like every other tool loads it.
+
+    Raises `CheckpointError` saying what is wrong with the checkpoint."""
+    model, _, _ = load_checkpoint(path, model_types=("stpnet", "stpnet-unet"))
+    return model.eval()
 
 
 def output_names(model: nn.Module) -> list[str]:
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained) of STPNet or the U-Net")
     parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
     parser.add_argument("--image-size", type=int, help="export (and check) resolution; default: the config's")
     parser.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
     parser.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
@@ -194,12 +195,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
 
-    model = load_model(args.model)
+    output = Path(args.output)
+    if output.is_dir():
+        parser.error(f"--output {output} is a folder; give the .onnx file to write")
+    if output.exists() and not args.overwrite:
+        parser.error(f"--output {output} exists; pass --overwrite to replace it, or choose another file")
+    if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
+        parser.error(f"--image-size must be a positive multiple of 32, got {args.image_size}")
+    try:
+        model = load_model(args.model)
+    except CheckpointError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     size = args.image_size or model.config.image_size
     if size % 32:
-        parser.error(f"--image-size must be a multiple of 32, got {size}")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+        parser.error(f"the checkpoint's image_size {size} is not a multiple of 32; pass --image-size")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. a file where a folder of the path should be
+        parser.error(f"--output {output}: cannot create its folder ({error})")
     started = time.perf_counter()
     kind = export(model, output, size, args.dynamic, args.exporter, args.opset)
     print(f"exported {output} ({output.stat().st_size / 2**20:.1f} MiB) with the {kind} exporter "

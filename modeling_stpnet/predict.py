@@ -1,30 +1,30 @@
 """Inference with a trained STPNet: images in; masks, overlays and a CSV of descriptions and lesion areas out.
 
-Command line (also ``python -m modeling_stpnet.predict``)::
+Command line (:mod:`modeling_stpnet.predict_cli`; also ``python -m modeling_stpnet.predict``)::
 
     stpnet-predict --model outputs/sample-tiny/best sample/kvasir-seg-mini/images --output-dir predictions
 
-Python (the Gradio demo uses the same functions)::
+Python (the Gradio demo uses the same functions; :func:`load_checkpoint` is also the loader of evaluation and
+ONNX export)::
 
     predictor = load_predictor("outputs/sample-tiny/best")
     prediction = predictor.predict([prepare_image("polyp.jpg").image])[0]
     prediction.description, prediction.lesion_percent
-
-Unreadable inputs are skipped and reported; the exit status is non-zero only when nothing could be processed.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
+import contextlib
 import functools
+import json
+import logging
 import os
 import re
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cpu_memory import keep_freed_memory
 from .data.io import DataError, load_image, mask_to_image
 from .image_processing_stpnet import MIN_SIDE, STPNetImageProcessor
 from .visualize import overlay_mask
@@ -46,6 +45,11 @@ MAX_PIXELS = 4096 * 4096
 MAX_DECODE_PIXELS = 100_000_000
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+PROCESSOR_FILE = "preprocessor_config.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# Config fields that change what the network computes but no weight's name or shape, so weights load under an
+# edited value without any report; they are compared with the training recipe instead.
+SHAPELESS_FIELDS = ("num_attention_heads", "ssa_dilations")
 
 
 class CheckpointError(RuntimeError):
@@ -100,6 +104,190 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"Device {device!r} was requested but CUDA is not available here; use --device cpu")
     return resolved
+
+
+def load_checkpoint(
+    name_or_path: str | os.PathLike, model_types: Sequence[str] = ("stpnet",)
+) -> tuple[torch.nn.Module, Any, list[str]]:
+    """(model, image processor, notes) of a checkpoint: the one loader of the CLI, the demo, evaluation and export.
+
+    Loads with ``AutoModel``/``AutoImageProcessor`` and ``trust_remote_code=True``. Raises :class:`CheckpointError`
+    naming the checkpoint and what to do when it is missing or damaged, when its weights do not fit its
+    ``config.json`` (missing, unexpected or reshaped weights) or when its ``preprocessor_config.json`` is invalid.
+    """
+    name = str(name_or_path)
+    model = _load_model(name, tuple(model_types))
+    processor, notes = _load_processor(name, model.config)
+    return model, processor, notes
+
+
+def _load_model(name: str, model_types: tuple[str, ...]) -> torch.nn.Module:
+    from transformers import AutoModel
+
+    folder = Path(name)
+    local = folder.is_dir()
+    if not local and not is_hub_id(name):
+        raise CheckpointError(missing_checkpoint_help(name))
+    if local and not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"`{name}` exists but holds no `config.json`, so it is not a saved checkpoint (training may "
+            "still be running).\n\n" + missing_checkpoint_help(name)
+        )
+    if local and not any((folder / weights).is_file() for weights in WEIGHT_FILES):
+        raise CheckpointError(
+            f"`{name}` holds `config.json` but no weights (`model.safetensors`): the copy is incomplete or training "
+            "has not saved yet.\n\n" + missing_checkpoint_help(name)
+        )
+    try:
+        with _quiet_load_report():  # our own message below names the keys; transformers' table would repeat them
+            model, info = AutoModel.from_pretrained(
+                name, trust_remote_code=True, output_loading_info=True, ignore_mismatched_sizes=True
+            )
+    except Exception as error:  # transformers and safetensors raise OSError, ValueError, SafetensorError...
+        if local:  # the files are there, so help on finding a checkpoint would only mislead
+            raise CheckpointError(
+                f"Could not load the checkpoint `{name}`: {type(error).__name__}: {error}\nIts files are damaged or "
+                "do not belong together (e.g. a truncated `model.safetensors` from an interrupted copy): copy or save "
+                "the checkpoint again."
+            ) from error
+        raise CheckpointError(
+            f"Could not load the checkpoint `{name}` (no local folder of that name; it was tried as a Hugging Face "
+            f"Hub id): {error}\n\n" + missing_checkpoint_help(name)
+        ) from error
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in model_types:
+        raise CheckpointError(
+            f"`{name}` is a {model_type!r} model; accepted here: {', '.join(repr(t) for t in model_types)}"
+        )
+    problems = _loading_problems(info) + (_recipe_mismatches(folder, model.config) if local else [])
+    if problems:
+        raise CheckpointError(
+            f"The weights of `{name}` do not fit its `config.json`:\n- " + "\n- ".join(problems) + "\nThe config "
+            "was probably edited after training (use_text, use_ssa, num_attention_heads, base_channels...) or comes "
+            "from another checkpoint. Restore the `config.json` saved with these weights, or train a model with the "
+            "new settings; the weights are not used as they are."
+        )
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    # A filter, not a higher level: transformers 5 checks this logger's level to decide other warnings.
+    logger = logging.getLogger("transformers.modeling_utils")
+
+    def drop_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    logger.addFilter(drop_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop_report)
+
+
+def _first(keys: Sequence[str], limit: int = 3) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _loading_problems(info: dict[str, Any]) -> list[str]:
+    """Readable lines for every weight transformers could not load as saved."""
+    problems = []
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if missing:
+        problems.append(f"{len(missing)} weight(s) missing from the file (they would be random): {_first(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} weight(s) in the file that the model does not use: {_first(unexpected)}")
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        shapes = [f"{key} (file {tuple(saved)}, model {tuple(wanted)})" for key, saved, wanted in mismatched]
+        problems.append(f"{len(mismatched)} weight(s) of another shape: {_first(shapes)}")
+    problems += [str(message) for message in info.get("error_msgs") or ()]
+    return problems
+
+
+def _recipe_mismatches(folder: Path, config: Any) -> list[str]:
+    """Fields of ``SHAPELESS_FIELDS`` where ``config.json`` differs from the training recipe that training saves
+    beside the weights (``train_config.yaml``: preset + overrides); nothing when the recipe cannot be read."""
+    recipe = folder / "train_config.yaml"
+    if not recipe.is_file():
+        return []
+    try:
+        import yaml  # a dependency of transformers
+
+        section = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("model") or {}
+        preset = str(section.get("preset") or "")
+        candidates = [Path(preset), REPO_ROOT / preset, REPO_ROOT / "configuration" / "models" / f"{preset}.json"]
+        found = next((p for p in candidates if preset and p.is_file()), None)
+        expected = json.loads(found.read_text(encoding="utf-8")) if found else {}
+        expected.update(section.get("overrides") or {})
+    except Exception:  # an unreadable recipe proves nothing either way; the weights were checked already
+        return []
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    return [
+        f"`{key}` is {plain(getattr(config, key))!r} in config.json but {plain(expected[key])!r} in the "
+        "training recipe (train_config.yaml); no weight shows this, yet the network computes something else"
+        for key in SHAPELESS_FIELDS
+        if key in expected and hasattr(config, key) and plain(getattr(config, key)) != plain(expected[key])
+    ]
+
+
+def _load_processor(name: str, config: Any) -> tuple[Any, list[str]]:
+    """The checkpoint's image processor; the training size with ImageNet statistics (and a note) when it has none."""
+    from transformers import AutoImageProcessor
+
+    size = int(getattr(config, "image_size", 224))
+    source = _processor_file(name)
+    if source is None:  # a checkpoint saved without its processor still works at the training resolution
+        note = f"the checkpoint has no {PROCESSOR_FILE}; using {size}x{size} and ImageNet statistics"
+        return STPNetImageProcessor(size={"height": size, "width": size}), [note]
+    try:
+        processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=True)
+        problem = _processor_problem(processor)
+    except Exception as error:  # invalid JSON, a size the processor refuses...
+        problem = f"{type(error).__name__}: {error}"
+    if problem:
+        # Falling back to defaults would silently drop the file's settings (its statistics, its size).
+        raise CheckpointError(
+            f"`{source}` is invalid: {problem}\nAccepted: `size` with `height` and `width` positive multiples of 32, "
+            "`image_mean` and `image_std` three numbers each (std above 0). Fix the file, or delete it to use the "
+            f"model's training size ({size}x{size}) with ImageNet statistics."
+        )
+    return processor, []
+
+
+def _processor_file(name: str) -> Path | None:
+    if Path(name).is_dir():
+        path = Path(name) / PROCESSOR_FILE
+        return path if path.is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(name, PROCESSOR_FILE, _raise_exceptions_for_missing_entries=False)
+    except Exception:  # offline without a cached copy: the model loaded, so only the processor is unavailable
+        return None
+    return Path(found) if found else None
+
+
+def _processor_problem(processor: Any) -> str | None:
+    """What is wrong with a loaded processor's settings, or None."""
+    size = getattr(processor, "size", None) or {}
+    if not isinstance(size, dict) or not all(
+        isinstance(size.get(side), int) and size[side] >= 32 and size[side] % 32 == 0 for side in ("height", "width")
+    ):
+        return f"`size` is {size!r}"
+    for field_name, low in (("image_mean", None), ("image_std", 0.0)):
+        values = getattr(processor, field_name, None)
+        try:
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError):
+            return f"`{field_name}` is {values!r}"
+        if len(numbers) != 3 or not all(np.isfinite(numbers)) or (low is not None and min(numbers) <= low):
+            return f"`{field_name}` is {values!r}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -206,36 +394,10 @@ class STPNetPredictor:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: str | torch.device | None = "auto") -> STPNetPredictor:
-        """Load with ``AutoModel``/``AutoImageProcessor`` and ``trust_remote_code=True`` (local folder or Hub id)."""
-        from transformers import AutoImageProcessor, AutoModel
-
+        """Load through :func:`load_checkpoint` (local folder or Hub id) onto ``device``."""
         target = resolve_device(device)
-        local = Path(name_or_path).is_dir()
-        if not local and not is_hub_id(name_or_path):
-            raise CheckpointError(missing_checkpoint_help(name_or_path))
-        if local and not (Path(name_or_path) / "config.json").is_file():
-            raise CheckpointError(
-                f"`{name_or_path}` exists but holds no `config.json`, so it is not a saved checkpoint (training may "
-                "still be running).\n\n" + missing_checkpoint_help(name_or_path)
-            )
-        try:
-            model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True)
-        except Exception as error:  # transformers raises OSError, ValueError, ImportError... all mean "unusable"
-            where = "" if local else " (no local folder of that name; it was tried as a Hugging Face Hub id)"
-            raise CheckpointError(
-                f"Could not load the checkpoint `{name_or_path}`{where}: {error}\n\n"
-                + missing_checkpoint_help(name_or_path)
-            ) from error
-        if getattr(model.config, "model_type", None) != "stpnet":
-            raise CheckpointError(f"`{name_or_path}` is a {model.config.model_type!r} model, not an STPNet checkpoint")
-        notes = []
-        try:
-            processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=True)
-        except Exception:  # a checkpoint saved without its processor still works at the training resolution
-            size = int(model.config.image_size)
-            processor = STPNetImageProcessor(size={"height": size, "width": size})
-            notes.append(f"the checkpoint has no preprocessor_config.json; using {size}x{size} and ImageNet statistics")
-        return cls(model.to(target), processor, name_or_path, notes)
+        model, processor, notes = load_checkpoint(name_or_path)
+        return cls(model.to(target), processor, str(name_or_path), notes)
 
     @torch.inference_mode()
     def predict(self, images: Sequence[Image.Image], threshold: float = 0.5) -> list[Prediction]:
@@ -287,213 +449,11 @@ def load_predictor(name_or_path: str | os.PathLike | None = None, device: str = 
         return _load_cached(*_cache_key(name), str(resolve_device(device)))
 
 
-# ---------------------------------------------------------------------------------------------- command line
-def collect_inputs(
-    inputs: Iterable[str | os.PathLike], recursive: bool = False
-) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files to try (every visible file of a folder, so non-images get reported) and inputs that do not exist."""
-    files, missing, seen = [], [], set()
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = path.rglob("*") if recursive else path.iterdir()
-            candidates = sorted(p for p in found if p.is_file() and not p.name.startswith("."))
-        elif path.is_file():
-            candidates = [path]
-        else:
-            missing.append((str(path), "not found"))
-            continue
-        for candidate in candidates:
-            if candidate.resolve() not in seen:
-                seen.add(candidate.resolve())
-                files.append(candidate)
-    return files, missing
-
-
-def _unique_stem(path: Path, used: set[str]) -> str:
-    stem, n = path.stem, 1
-    while stem in used:
-        n += 1
-        stem = f"{path.stem}-{n}"
-    used.add(stem)
-    return stem
-
-
-class _Writer:
-    """Writes masks, overlays and CSV rows as predictions arrive, so an interrupted run keeps what it did."""
-
-    def __init__(self, output_dir: Path, categories: list[str]) -> None:
-        self.output_dir = output_dir
-        (output_dir / "masks").mkdir(parents=True, exist_ok=True)
-        (output_dir / "overlays").mkdir(parents=True, exist_ok=True)
-        self.used: set[str] = set()
-        columns = ["file", "mask", "overlay", "width", "height", "lesion_pixels", "lesion_percent", "description"]
-        columns += [c for name in categories for c in (name, f"{name}_probability")]
-        columns += ["seconds", "notes"]
-        self.handle = open(output_dir / "predictions.csv", "w", newline="", encoding="utf-8")
-        self.rows = csv.DictWriter(self.handle, fieldnames=columns)
-        self.rows.writeheader()
-
-    def write(self, path: Path, prediction: Prediction) -> None:
-        stem = _unique_stem(path, self.used)
-        mask_file, overlay_file = Path("masks") / f"{stem}.png", Path("overlays") / f"{stem}.png"
-        prediction.mask_image().save(self.output_dir / mask_file)
-        prediction.overlay().save(self.output_dir / overlay_file)
-        row = {
-            "file": str(path),
-            "mask": mask_file.as_posix(),
-            "overlay": overlay_file.as_posix(),
-            "width": prediction.mask.shape[1],
-            "height": prediction.mask.shape[0],
-            "lesion_pixels": prediction.lesion_pixels,
-            "lesion_percent": f"{prediction.lesion_percent:.3f}",
-            "description": prediction.description or "",
-            "seconds": f"{prediction.seconds:.4f}",
-            "notes": "; ".join(prediction.notes),
-        }
-        for item in prediction.categories:
-            row[item["category"]] = item["sentence"]
-            row[f"{item['category']}_probability"] = f"{item['probability']:.4f}"
-        self.rows.writerow(row)
-        self.handle.flush()
-
-    def close(self) -> None:
-        self.handle.close()
-
-
-def run(
-    predictor: STPNetPredictor,
-    inputs: Sequence[str | os.PathLike],
-    output_dir: str | os.PathLike,
-    threshold: float = 0.5,
-    batch_size: int = 8,
-    recursive: bool = False,
-    max_pixels: int = MAX_PIXELS,
-    progress: bool | None = None,
-) -> tuple[int, list[tuple[str, str]]]:
-    """Predict every readable image of ``inputs``; returns (number processed, [(file, why skipped)])."""
-    from tqdm.auto import tqdm
-
-    output_dir = Path(output_dir)
-    files, skipped = collect_inputs(inputs, recursive)
-    categories = list(predictor.config.text_categories) if getattr(predictor.config, "use_text", True) else []
-    writer = _Writer(output_dir, categories)
-    processed = 0
-    bar = tqdm(total=len(files), unit="image", disable=None if progress is None else not progress)
-
-    def skip(name: str, reason: str) -> None:
-        skipped.append((name, reason))
-        if not bar.disable:  # live news for long runs; the full list is printed at the end anyway
-            bar.write(f"skipped {name}: {reason}", file=sys.stderr)
-
-    def flush(batch: list[tuple[Path, PreparedImage]]) -> None:
-        nonlocal processed
-        try:
-            predictions = predictor.predict([p.image for _, p in batch], threshold)
-        except (RuntimeError, ValueError) as error:
-            if len(batch) > 1:  # one image can break a batch (e.g. out of memory on a big one): isolate it
-                for item in batch:
-                    flush([item])
-            else:
-                skip(str(batch[0][0]), f"inference failed: {error}")
-                bar.update(1)
-            return
-        for (path, prepared), prediction in zip(batch, predictions):
-            prediction.notes = prepared.notes + prediction.notes
-            writer.write(path, prediction)
-            processed += 1
-        bar.update(len(batch))
-
-    batch: list[tuple[Path, PreparedImage]] = []
-    try:
-        for path in files:
-            try:
-                batch.append((path, prepare_image(path, max_pixels=max_pixels)))
-            except DataError as error:
-                skip(str(path), str(error).removeprefix(f"{path}: ").removeprefix(f"{path.name}: "))
-                bar.update(1)
-                continue
-            if len(batch) >= batch_size:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
-    finally:
-        bar.close()
-        writer.close()
-    with open(output_dir / "skipped.csv", "w", newline="", encoding="utf-8") as handle:
-        table = csv.writer(handle)
-        table.writerow(["file", "reason"])
-        table.writerows(skipped)
-    return processed, skipped
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="stpnet-predict",
-        description="Segment lesions with a trained STPNet: masks, overlays and predictions.csv (description and "
-        "lesion area per image). Unreadable files are skipped and listed in skipped.csv.",
-    )
-    parser.add_argument("inputs", nargs="+", help="image files and/or folders (every file in a folder is tried)")
-    parser.add_argument(
-        "--model",
-        default=None,
-        help=f"checkpoint folder or Hugging Face Hub id (default: ${CHECKPOINT_ENV} or {DEFAULT_CHECKPOINT})",
-    )
-    parser.add_argument("--output-dir", default="predictions", help="where masks/, overlays/ and the CSVs go")
-    parser.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold (default 0.5)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--recursive", action="store_true", help="also look into sub-folders of input folders")
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=MAX_PIXELS,
-        help=f"downscale larger images to this size (default {MAX_PIXELS})",
-    )
-    parser.add_argument(
-        "--release-memory",
-        action="store_true",
-        help="on CPU, let the allocator return freed memory after every batch (slower; see cpu_memory.py)",
-    )
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``stpnet-predict``; returns the exit status (0 when at least one image was processed)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not 0.0 < args.threshold < 1.0:
-        parser.error(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    name = resolve_checkpoint(args.model)
-    try:
-        predictor = load_predictor(name, device=args.device)
-    except (CheckpointError, ValueError) as error:
-        print(f"stpnet-predict: {error}", file=sys.stderr)
-        return 2
-    if predictor.device.type == "cpu" and not args.release_memory:
-        keep_freed_memory()
-    processed, skipped = run(
-        predictor,
-        args.inputs,
-        args.output_dir,
-        threshold=args.threshold,
-        batch_size=args.batch_size,
-        recursive=args.recursive,
-        max_pixels=args.max_pixels,
-    )
-    out = Path(args.output_dir)
-    if skipped:
-        print(f"Skipped {len(skipped)} input(s):", file=sys.stderr)
-        for file, reason in skipped:
-            print(f"  {file}: {reason}", file=sys.stderr)
-    print(
-        f"stpnet-predict: {processed} processed, {len(skipped)} skipped; results in {out / 'predictions.csv'}"
-        + (f", skipped files listed in {out / 'skipped.csv'}" if skipped else "")
-    )
-    return 0 if processed else 1
+    """``stpnet-predict`` (see :mod:`modeling_stpnet.predict_cli`); kept here for ``python -m`` and old installs."""
+    from .predict_cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

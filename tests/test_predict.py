@@ -102,7 +102,7 @@ def test_cli_on_a_mixed_folder(
     (tmp_path / "in" / ".hidden.png").write_bytes(b"ignored")
     out = tmp_path / "out"
     kept = []  # on CPU the command keeps freed memory (tests/test_cpu_memory.py); not in the test process itself
-    monkeypatch.setattr("modeling_stpnet.predict.keep_freed_memory", lambda: kept.append(True))
+    monkeypatch.setattr("modeling_stpnet.predict_cli.keep_freed_memory", lambda: kept.append(True))
     code = main(["--model", str(checkpoint), str(tmp_path / "in"), str(tmp_path / "missing.png"),
                  "--output-dir", str(out), "--batch-size", "2", "--threshold", "0.4", "--device", "cpu"])  # fmt: skip
     assert code == 0 and kept == [True]

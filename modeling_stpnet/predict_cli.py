@@ -1,0 +1,328 @@
+"""``stpnet-predict``: segment image files and folders with a trained STPNet, writing masks, overlays and CSVs.
+
+    stpnet-predict --model outputs/sample-tiny/best sample/kvasir-seg-mini/images --output-dir predictions
+
+Unreadable inputs are skipped and reported; the exit status is 0 when at least one image was processed, 1 when
+none was, 2 for bad arguments, an unusable output folder or an unusable checkpoint. Results of an earlier run in
+the output folder are never replaced without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .cpu_memory import keep_freed_memory
+from .data.io import ACCEPTED_IMAGES, DataError
+from .predict import (
+    CHECKPOINT_ENV,
+    DEFAULT_CHECKPOINT,
+    MAX_PIXELS,
+    CheckpointError,
+    Prediction,
+    PreparedImage,
+    STPNetPredictor,
+    load_predictor,
+    prepare_image,
+    resolve_checkpoint,
+)
+
+# The smallest model input is 128x128 px; downscaling below it only throws detail away and gives blocky masks.
+MIN_MAX_PIXELS = 128 * 128
+RESULT_FILES = ("predictions.csv", "skipped.csv")
+RESULT_FOLDERS = ("masks", "overlays")
+
+
+class OutputDirError(ValueError):
+    """An output folder that cannot be used as it is; the message says why and what to do."""
+
+
+def collect_inputs(
+    inputs: Iterable[str | os.PathLike], recursive: bool = False, exclude: Iterable[str | os.PathLike] = ()
+) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files to try (every visible file of a folder, so non-images get reported) and inputs that cannot be used
+    (missing, or folders without files). Folder scans leave out ``exclude`` and everything under it (the results
+    of :func:`run`: a rerun must not read its own masks and overlays as inputs)."""
+    excluded = [Path(e).resolve() for e in exclude]
+    files, unusable, seen = [], [], set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = path.rglob("*") if recursive else path.iterdir()
+            candidates = sorted(
+                p
+                for p in found
+                if p.is_file()
+                and not p.name.startswith(".")
+                and not any(p.resolve().is_relative_to(e) for e in excluded)
+            )
+            if not candidates:
+                nested = not recursive and any(p.is_dir() for p in path.iterdir())
+                hint = "; its sub-folders are searched with --recursive" if nested else ""
+                unusable.append((str(path), f"no images found in {path} (accepted: {ACCEPTED_IMAGES}){hint}"))
+        elif path.is_file():
+            candidates = [path]
+        else:
+            unusable.append((str(path), "not found"))
+            continue
+        for candidate in candidates:
+            if candidate.resolve() not in seen:
+                seen.add(candidate.resolve())
+                files.append(candidate)
+    return files, unusable
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise :class:`OutputDirError` when ``output_dir`` cannot hold the results, or holds an earlier run's results
+    and ``overwrite`` is off. Changes nothing, so it can run before the model is loaded."""
+    path = Path(output_dir)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise OutputDirError(f"--output-dir `{path}` cannot be used: `{folder}` is a file; give a folder")
+            break
+    if path.is_dir() and not overwrite:
+        earlier = [name for name in RESULT_FILES if (path / name).exists()]
+        earlier += [f"{name}/" for name in RESULT_FOLDERS if (path / name).is_dir() and any((path / name).iterdir())]
+        if earlier:
+            raise OutputDirError(
+                f"--output-dir `{path}` already holds results of an earlier run ({', '.join(earlier)}); pass "
+                "--overwrite to replace them, or choose another folder"
+            )
+
+
+def result_paths(output_dir: str | os.PathLike) -> list[Path]:
+    """What :func:`run` writes into ``output_dir`` (files and folders)."""
+    return [Path(output_dir) / name for name in (*RESULT_FILES, *RESULT_FOLDERS)]
+
+
+def _clear_previous(output_dir: Path) -> None:
+    """Remove what an earlier run wrote (only our CSVs and the PNGs of masks/ and overlays/), so the new results
+    do not mix with old masks."""
+    for name in RESULT_FILES:
+        (output_dir / name).unlink(missing_ok=True)
+    for name in RESULT_FOLDERS:
+        if (output_dir / name).is_dir():
+            for png in (output_dir / name).glob("*.png"):
+                png.unlink()
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem, n = path.stem, 1
+    while stem in used:
+        n += 1
+        stem = f"{path.stem}-{n}"
+    used.add(stem)
+    return stem
+
+
+class _Writer:
+    """Writes masks, overlays and CSV rows as predictions arrive, so an interrupted run keeps what it did."""
+
+    def __init__(self, output_dir: Path, categories: list[str]) -> None:
+        self.output_dir = output_dir
+        (output_dir / "masks").mkdir(parents=True, exist_ok=True)
+        (output_dir / "overlays").mkdir(parents=True, exist_ok=True)
+        self.used: set[str] = set()
+        columns = ["file", "mask", "overlay", "width", "height", "lesion_pixels", "lesion_percent", "description"]
+        columns += [c for name in categories for c in (name, f"{name}_probability")]
+        columns += ["seconds", "notes"]
+        self.handle = open(output_dir / "predictions.csv", "w", newline="", encoding="utf-8")
+        self.rows = csv.DictWriter(self.handle, fieldnames=columns)
+        self.rows.writeheader()
+
+    def write(self, path: Path, prediction: Prediction) -> None:
+        stem = _unique_stem(path, self.used)
+        mask_file, overlay_file = Path("masks") / f"{stem}.png", Path("overlays") / f"{stem}.png"
+        prediction.mask_image().save(self.output_dir / mask_file)
+        prediction.overlay().save(self.output_dir / overlay_file)
+        row = {
+            "file": str(path),
+            "mask": mask_file.as_posix(),
+            "overlay": overlay_file.as_posix(),
+            "width": prediction.mask.shape[1],
+            "height": prediction.mask.shape[0],
+            "lesion_pixels": prediction.lesion_pixels,
+            "lesion_percent": f"{prediction.lesion_percent:.3f}",
+            "description": prediction.description or "",
+            "seconds": f"{prediction.seconds:.4f}",
+            "notes": "; ".join(prediction.notes),
+        }
+        for item in prediction.categories:
+            row[item["category"]] = item["sentence"]
+            row[f"{item['category']}_probability"] = f"{item['probability']:.4f}"
+        self.rows.writerow(row)
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def run(
+    predictor: STPNetPredictor,
+    inputs: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    threshold: float = 0.5,
+    batch_size: int = 8,
+    recursive: bool = False,
+    max_pixels: int = MAX_PIXELS,
+    progress: bool | None = None,
+    overwrite: bool = False,
+) -> tuple[int, list[tuple[str, str]]]:
+    """Predict every readable image of ``inputs``; returns (number processed, [(file, why skipped)]).
+
+    Raises :class:`OutputDirError` (before writing anything) when ``output_dir`` is unusable or holds an earlier
+    run's results and ``overwrite`` is off; with ``overwrite`` those results are replaced.
+    """
+    from tqdm.auto import tqdm
+
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite)
+    files, skipped = collect_inputs(inputs, recursive, exclude=result_paths(output_dir))
+    if overwrite:
+        _clear_previous(output_dir)
+    categories = list(predictor.config.text_categories) if getattr(predictor.config, "use_text", True) else []
+    writer = _Writer(output_dir, categories)
+    processed = 0
+    bar = tqdm(total=len(files), unit="image", disable=None if progress is None else not progress)
+
+    def skip(name: str, reason: str) -> None:
+        skipped.append((name, reason))
+        if not bar.disable:  # live news for long runs; the full list is printed at the end anyway
+            bar.write(f"skipped {name}: {reason}", file=sys.stderr)
+
+    def flush(batch: list[tuple[Path, PreparedImage]]) -> None:
+        nonlocal processed
+        try:
+            predictions = predictor.predict([p.image for _, p in batch], threshold)
+        except (RuntimeError, ValueError) as error:
+            if len(batch) > 1:  # one image can break a batch (e.g. out of memory on a big one): isolate it
+                for item in batch:
+                    flush([item])
+            else:
+                skip(str(batch[0][0]), f"inference failed: {error}")
+                bar.update(1)
+            return
+        for (path, prepared), prediction in zip(batch, predictions):
+            prediction.notes = prepared.notes + prediction.notes
+            writer.write(path, prediction)
+            processed += 1
+        bar.update(len(batch))
+
+    batch: list[tuple[Path, PreparedImage]] = []
+    try:
+        for path in files:
+            try:
+                batch.append((path, prepare_image(path, max_pixels=max_pixels)))
+            except DataError as error:
+                skip(str(path), str(error).removeprefix(f"{path}: ").removeprefix(f"{path.name}: "))
+                bar.update(1)
+                continue
+            if len(batch) >= batch_size:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+    finally:
+        bar.close()
+        writer.close()
+    with open(output_dir / "skipped.csv", "w", newline="", encoding="utf-8") as handle:
+        table = csv.writer(handle)
+        table.writerow(["file", "reason"])
+        table.writerows(skipped)
+    return processed, skipped
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stpnet-predict",
+        description="Segment lesions with a trained STPNet: masks, overlays and predictions.csv (description and "
+        "lesion area per image). Unreadable files are skipped and listed in skipped.csv.",
+    )
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders (every file in a folder is tried)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"checkpoint folder or Hugging Face Hub id (default: ${CHECKPOINT_ENV} or {DEFAULT_CHECKPOINT})",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="predictions",
+        help="where masks/, overlays/ and the CSVs go (these are never read as inputs, even inside an input folder)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --output-dir (its CSVs and the PNGs of masks/ and overlays/)",
+    )
+    parser.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold (default 0.5)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--recursive", action="store_true", help="also look into sub-folders of input folders")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"downscale larger images to this size (default {MAX_PIXELS}, at least {MIN_MAX_PIXELS})",
+    )
+    parser.add_argument(
+        "--release-memory",
+        action="store_true",
+        help="on CPU, let the allocator return freed memory after every batch (slower; see cpu_memory.py)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``stpnet-predict``; returns the exit status (0 when at least one image was processed)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0.0 < args.threshold < 1.0:
+        parser.error(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_pixels < MIN_MAX_PIXELS:
+        parser.error(
+            f"--max-pixels must be at least {MIN_MAX_PIXELS} (128x128, the smallest model input), got {args.max_pixels}"
+        )
+    try:  # before the model loads: a wrong folder should not cost the loading time
+        check_output_dir(args.output_dir, args.overwrite)
+    except OutputDirError as error:
+        print(f"stpnet-predict: {error}", file=sys.stderr)
+        return 2
+    name = resolve_checkpoint(args.model)
+    try:
+        predictor = load_predictor(name, device=args.device)
+    except (CheckpointError, ValueError) as error:
+        print(f"stpnet-predict: {error}", file=sys.stderr)
+        return 2
+    if predictor.device.type == "cpu" and not args.release_memory:
+        keep_freed_memory()
+    processed, skipped = run(
+        predictor,
+        args.inputs,
+        args.output_dir,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        recursive=args.recursive,
+        max_pixels=args.max_pixels,
+        overwrite=args.overwrite,
+    )
+    out = Path(args.output_dir)
+    if skipped:
+        print(f"Skipped {len(skipped)} input(s):", file=sys.stderr)
+        for file, reason in skipped:
+            print(f"  {file}: {reason}", file=sys.stderr)
+    print(
+        f"stpnet-predict: {processed} processed, {len(skipped)} skipped; results in {out / 'predictions.csv'}"
+        + (f", skipped files listed in {out / 'skipped.csv'}" if skipped else "")
+    )
+    return 0 if processed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
