@@ -17,6 +17,7 @@ _LAZY = {
     "convert": [
         "ConversionReport",
         "carve_validation",
+        "check_options",
         "class_balance",
         "convert_layout",
         "convert_pair",
@@ -25,7 +26,14 @@ _LAZY = {
         "format_class_balance",
         "resolve_repository",
     ],
-    "hub": ["load_stpnet_dataset", "push_stpnet_dataset", "save_stpnet_dataset", "validate_stpnet_dataset"],
+    "hub": [
+        "check_save_targets",
+        "check_stpnet_splits",
+        "load_stpnet_dataset",
+        "push_stpnet_dataset",
+        "save_stpnet_dataset",
+        "validate_stpnet_dataset",
+    ],
     "layouts": ["LAYOUTS", "PairRecord", "RawDataset", "Skip", "definition_path", "detect_layout", "discover"],
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
@@ -52,6 +60,9 @@ __all__ = [
     "Skip",
     "carve_validation",
     "categories_from_zones",
+    "check_options",
+    "check_save_targets",
+    "check_stpnet_splits",
     "class_balance",
     "connected_components",
     "convert_layout",

@@ -7,6 +7,7 @@ source file stem, for tracing an example back to its files).
 
 from __future__ import annotations
 
+import numbers
 import os
 import random
 from collections import Counter
@@ -82,8 +83,27 @@ def carve_validation(
     return train, validation
 
 
+def check_options(val_fraction: float = 0.1, image_size: int | None = None, limit: int | None = None) -> None:
+    """Raise ``ValueError`` naming the option unless the conversion options are usable.
+
+    0 and negative sizes and limits are refused rather than read as "no limit" (None says that): a negative
+    ``limit`` would slice off the last pairs and a negative ``image_size`` would shrink every image to 1x1.
+    """
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0.0 <= val_fraction < 1.0:
+        raise ValueError(
+            f"val_fraction must be a number in [0, 1) (the share of train carved out as validation), got "
+            f"{val_fraction!r}"
+        )
+    for name, value, meaning in (
+        ("image_size", image_size, "the longest image side in pixels"),
+        ("limit", limit, "the most pairs kept per split"),
+    ):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"{name} must be a positive integer ({meaning}) or None for no limit, got {value!r}")
+
+
 def _resize(image: Image.Image, mask: np.ndarray, long_side: int | None) -> tuple[Image.Image, np.ndarray, bool]:
-    if not long_side or max(image.size) <= long_side:
+    if long_side is None or max(image.size) <= long_side:
         return image, mask, False
     scale = long_side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -127,7 +147,10 @@ def convert_pair(
             where = record.where or record.image
             raise DataError(f"{where}: description does not fit {repository.name!r}: {error}") from error
     image, mask, resized = _resize(image, mask, image_size)
-    if not resized and raw_image.mode in ("RGB", "L") and raw_image.format in ("JPEG", "PNG"):
+    # datasets turns an image by its EXIF orientation when decoding, while the mask matches the stored pixel grid:
+    # such a file is re-encoded without the tag
+    turned = raw_image.getexif().get(0x0112, 1) != 1
+    if not resized and not turned and raw_image.mode in ("RGB", "L") and raw_image.format in ("JPEG", "PNG"):
         image_bytes = record.image.read_bytes()  # the original file: no re-encoding, no generation loss
     elif resized and raw_image.format == "JPEG":
         image_bytes = encode_jpeg(image, quality=90)  # a downsized copy of a photo: PNG would be several times larger
@@ -158,7 +181,11 @@ def convert_raw(
     on_error: str = "raise",
     progress: bool = True,
 ) -> tuple[datasets.DatasetDict, ConversionReport]:
-    """Load every pair of ``raw`` into a DatasetDict (a missing validation split is carved from train)."""
+    """Load every pair of ``raw`` into a DatasetDict (a missing validation split is carved from train).
+
+    Raises ``ValueError`` for unusable options (see :func:`check_options`) and :class:`DataError` for bad data.
+    """
+    check_options(val_fraction, image_size, limit)
     splits = dict(raw.splits)
     report = ConversionReport(layout=raw.layout, skips=list(raw.skips), notes=list(raw.notes))
     if "validation" not in splits and "train" in splits and val_fraction > 0:
@@ -170,7 +197,7 @@ def convert_raw(
     features = dataset_features(repository)
     result = {}
     for split in sorted(splits, key=lambda s: SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER)):
-        records = splits[split][:limit] if limit else splits[split]
+        records = splits[split][:limit] if limit is not None else splits[split]
         rows = []
         for record in _progress(records, f"{raw.layout} {split}", progress):
             try:
@@ -214,6 +241,7 @@ def convert_layout(
         on_error: "raise" (default) stops at the first bad pair with a message naming the file; "skip" leaves it
             out and records it in the report.
     """
+    check_options(val_fraction, image_size, limit)  # before listing a large folder
     raw = discover(source, layout, on_error)
     repository = resolve_repository(repository, raw.layout)
     return convert_raw(

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
+from PIL import Image, UnidentifiedImageError
 
 from ..text_repository import ScaleAwareTextRepository
 from .convert import SPLIT_ORDER, convert_layout
@@ -59,7 +66,9 @@ def load_stpnet_dataset(
          image_size, limit, on_error, progress);
       4. anything else is treated as a Hub dataset id: ``datasets.load_dataset(path_or_id)``.
 
-    When ``repository`` (an object or a definition JSON path) is given the result is checked with
+    Every split must have rows, ``image`` and ``mask`` columns and masks of their images' size
+    (:func:`check_stpnet_splits`); :class:`DataError` names the dataset, split and row otherwise. When
+    ``repository`` (an object or a definition JSON path) is given the result is also checked with
     :func:`validate_stpnet_dataset`; for raw layouts it is also the definition used to convert.
     """
     path = Path(path_or_id)
@@ -68,16 +77,20 @@ def load_stpnet_dataset(
         if isinstance(repository, (str, os.PathLike))
         else repository
     )
+    converted = False
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
+            _check_saved_splits(path)
             dataset = datasets.load_from_disk(str(path))
         elif (path / "state.json").is_file():
             raise DataError(f"{path}: holds a single Dataset, not a DatasetDict; save a DatasetDict with splits")
         elif files := _parquet_files(path):
+            _check_parquet_rows(path, files)
             dataset = datasets.load_dataset("parquet", data_files=files)
         else:
             detected = detect_layout(path) if layout == "auto" else layout
             dataset, report = convert_layout(path, detected, repo, **convert_kwargs)
+            converted = True  # every pair was checked while converting
             if report.skips:
                 print(report.format())
     elif path.exists():
@@ -88,9 +101,116 @@ def load_stpnet_dataset(
         dataset = datasets.load_dataset(str(path_or_id))
     if not isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"{path_or_id}: expected splits (a DatasetDict), got {type(dataset).__name__}")
+    check_stpnet_splits(dataset, str(path_or_id), check_sizes=not converted)
     if repo is not None:
-        validate_stpnet_dataset(dataset, repo)
+        try:
+            validate_stpnet_dataset(dataset, repo)
+        except ValueError as error:
+            raise DataError(f"{path_or_id}: {error}") from error
     return dataset
+
+
+def _check_parquet_rows(path: Path, files: dict[str, list[str]]) -> None:
+    """``load_dataset`` says only 'Instruction "x" corresponds to no data!' for a split without rows."""
+    import pyarrow.parquet as pq
+
+    for split, names in files.items():
+        try:
+            rows = sum(pq.read_metadata(name).num_rows for name in names)
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{path}: a parquet file of split {split!r} is unreadable ({error})") from error
+        if rows == 0:
+            raise DataError(f"split {split!r} of {path} has no rows; {_EMPTY_HINT}")
+
+
+def _check_saved_splits(path: Path) -> None:
+    """``load_from_disk`` fails with a bare IndexError on a split saved without rows: name the split instead."""
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(
+            f'{path / "dataset_dict.json"}: unreadable ({error!r}); expected {{"splits": [...]}} as written by '
+            "DatasetDict.save_to_disk"
+        ) from error
+    for split in splits:
+        state = path / str(split) / "state.json"
+        try:
+            files = json.loads(state.read_text()).get("_data_files")
+        except (OSError, ValueError, AttributeError) as error:
+            raise DataError(
+                f"{state}: unreadable ({error!r}); split {split!r} is listed in {path / 'dataset_dict.json'} but "
+                "its save_to_disk folder is missing or damaged"
+            ) from error
+        if not files:
+            raise DataError(f"split {split!r} of {path} has no rows; {_EMPTY_HINT}")
+
+
+_EMPTY_HINT = "every split needs at least one example (prepare the dataset again, e.g. hub_scripts/prepare_dataset.py)"
+_REQUIRED = ["image", "mask"]
+# columns that say which source image a row came from, for error messages ("name" is what the converters write)
+ID_COLUMNS = ("name", "image_id", "id", "file_name", "filename", "image_name")
+
+
+def check_stpnet_splits(dataset: datasets.DatasetDict, source: str, check_sizes: bool = True) -> None:
+    """Raise :class:`DataError` naming ``source`` and the split unless every split is usable for segmentation.
+
+    Every split needs rows and ``image`` and ``mask`` columns, and (``check_sizes``) each stored mask must have its
+    image's size; that reads only the image headers, and names the row (its index in the split, and its ``name``
+    or id column if there is one). The text columns are checked by :func:`validate_stpnet_dataset`.
+    """
+    for split, part in dataset.items():
+        where = f"split {split!r} of {source}"
+        if len(part) == 0:
+            raise DataError(f"{where} has no rows; {_EMPTY_HINT}")
+        missing = [c for c in _REQUIRED if c not in part.column_names]
+        if missing:
+            raise DataError(
+                f"{where} lacks column(s) {missing}: present {part.column_names}, required {_REQUIRED} (training "
+                "also needs 'text' and one label column per text category)"
+            )
+        if check_sizes:
+            _check_mask_sizes(part, where)
+
+
+def _check_mask_sizes(part: datasets.Dataset, where: str, chunk: int = 256) -> None:
+    features = part.features
+    if not all(isinstance(features[c], datasets.Image) for c in _REQUIRED):
+        return  # paths or arrays: decoded (and checked) by whoever reads them
+    ident = next((c for c in ID_COLUMNS if c in part.column_names), None)
+    # the arrow format hands over the stored bytes without decoding any pixels
+    table = part.select_columns(_REQUIRED + ([ident] if ident else [])).with_format("arrow")
+    for start in range(0, len(part), chunk):
+        block = table[start : start + chunk]
+        ids = block.column(ident).to_pylist() if ident else [None] * len(block)
+        rows = zip(block.column("image").to_pylist(), block.column("mask").to_pylist(), ids)
+        for row, (image, mask, name) in enumerate(rows, start=start):
+            label = f"row {row}" + (f" ({ident} {name!r})" if ident else "") + f" of {where}"
+            image_size, mask_size = _stored_size(image, "image", label), _stored_size(mask, "mask", label)
+            if image_size and mask_size and image_size != mask_size:
+                raise DataError(
+                    f"{label}: the mask is {mask_size[0]}x{mask_size[1]} but its image is "
+                    f"{image_size[0]}x{image_size[1]} (width x height); a mask must have its image's size"
+                )
+
+
+def _stored_size(value: dict | None, what: str, label: str) -> tuple[int, int] | None:
+    """(width, height) as ``datasets.Image`` will decode it, or None for an image stored as a path only."""
+    if not value or value.get("bytes") is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(value["bytes"])) as image:
+            width, height = image.size
+            if image.format == "PNG":  # getexif() would decode a PNG's pixels to look for a late eXIf chunk
+                exif = Image.Exif()
+                if "exif" in image.info:
+                    exif.load(image.info["exif"])
+            else:
+                exif = image.getexif()
+            # datasets applies the EXIF orientation when decoding; 5..8 are the quarter turns
+            turned = exif.get(0x0112) in (5, 6, 7, 8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{label}: the stored {what} is not a readable image ({error})") from error
+    return (height, width) if turned else (width, height)
 
 
 def validate_stpnet_dataset(
@@ -131,17 +251,136 @@ def validate_stpnet_dataset(
                     raise ValueError(f"Split {split!r} row {i}: text {columns['text'][i]!r} != labels' {wanted!r}")
 
 
-def save_stpnet_dataset(
-    dataset: datasets.DatasetDict, output: str | os.PathLike | None = None, parquet: str | os.PathLike | None = None
+# what DatasetDict.save_to_disk writes into a split folder (cache-*.arrow: datasets' own map/filter caches)
+_SAVED_SPLIT_FILE = re.compile(r"data-\d+-of-\d+\.arrow|cache-[\w.-]+\.arrow|dataset_info\.json|state\.json")
+
+
+def check_save_targets(
+    output: str | os.PathLike | None = None, parquet: str | os.PathLike | None = None, overwrite: bool = False
 ) -> None:
-    """``save_to_disk`` into ``output`` and/or one ``{split}.parquet`` per split into ``parquet``."""
+    """Raise :class:`DataError` unless :func:`save_stpnet_dataset` may write ``output`` and ``parquet``.
+
+    A target must be new or empty; with ``overwrite`` it may also hold a dataset saved there earlier (``output``:
+    only ``dataset_dict.json`` and its split folders; ``parquet``: only ``{split}.parquet`` files), never anything
+    else, so an unrelated folder is not deleted or merged into. Cheap: call it before a long conversion.
+    """
+    targets = {name: Path(value) for name, value in (("output", output), ("parquet", parquet)) if value is not None}
+    if len(targets) == 2:
+        first, second = (p.resolve() for p in targets.values())
+        if first == second or first in second.parents or second in first.parents:
+            raise DataError(
+                f"output {targets['output']} and parquet {targets['parquet']} overlap; each replaces its whole "
+                "folder, so give two separate folders"
+            )
+    for kind, path in targets.items():
+        problem = _target_problem(path, kind, overwrite)
+        if problem is not None:
+            raise DataError(problem)
+
+
+def _target_problem(path: Path, kind: str, overwrite: bool) -> str | None:
+    for folder in (path, *path.parents):
+        if folder.is_symlink() and folder == path:
+            return f"{path}: is a symbolic link; give the folder it points to, or a new folder"
+        if folder.exists():
+            if not folder.is_dir():
+                return f"{path}: cannot be created as a folder: {folder} is a file"
+            break
+    entries = sorted(path.iterdir()) if path.is_dir() else []
+    if not entries:
+        return None
+    shown = ", ".join(e.name for e in entries[:5]) + (", ..." if len(entries) > 5 else "")
+    if not overwrite:
+        return (
+            f"{path}: folder is not empty ({len(entries)} entries: {shown}); choose a new or empty folder, or pass "
+            "--overwrite (overwrite=True) to replace a dataset saved there earlier"
+        )
+    foreign = _foreign_entries(path, kind)
+    if foreign:
+        written = "a save_to_disk dataset" if kind == "output" else "{split}.parquet files"
+        more = ", ..." if len(foreign) > 8 else ""
+        return (
+            f"{path}: not replaced, since it does not hold only {written} ({', '.join(foreign[:8])}{more}); "
+            "--overwrite replaces nothing else, so move the other files away or choose another folder"
+        )
+    return None
+
+
+def _plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _foreign_entries(path: Path, kind: str) -> list[str]:
+    """Entries of ``path`` that a save by :func:`save_stpnet_dataset` of this ``kind`` does not write."""
+    if kind == "parquet":
+        ours = {f"{split}.parquet" for split in (*SPLIT_ORDER, *_SPLIT_ALIASES)}
+        return [e.name for e in sorted(path.iterdir()) if not (e.name in ours and _plain_file(e))]
+    try:
+        splits = [str(s) for s in json.loads((path / "dataset_dict.json").read_text())["splits"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["no readable dataset_dict.json"]
+    foreign = []
+    for entry in sorted(path.iterdir()):
+        if entry.name == "dataset_dict.json" and _plain_file(entry):
+            continue
+        if entry.name in splits and entry.is_dir() and not entry.is_symlink():
+            foreign += [
+                f"{entry.name}/{f.name}"
+                for f in sorted(entry.iterdir())
+                if not (_plain_file(f) and _SAVED_SPLIT_FILE.fullmatch(f.name))
+            ]
+            continue
+        foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    return foreign
+
+
+def _replace_folder(target: Path, write: Callable[[Path], None]) -> None:
+    """Write into a temporary sibling of ``target`` and swap it in only once complete.
+
+    A failure or interruption while writing leaves ``target`` as it was; the swap is two renames on one file
+    system, and if the second fails the old folder is put back. Only a kill between the two renames could leave
+    the old folder in ``.<name>.partial-*/old`` beside ``target``, still whole.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staged, replaced = work / "new", work / "old"
+    try:
+        write(staged)
+        try:
+            if target.exists():
+                target.rename(replaced)
+            staged.rename(target)
+        except BaseException:
+            if replaced.exists() and not target.exists():
+                replaced.rename(target)
+            raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def save_stpnet_dataset(
+    dataset: datasets.DatasetDict,
+    output: str | os.PathLike | None = None,
+    parquet: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> None:
+    """``save_to_disk`` into ``output`` and/or one ``{split}.parquet`` per split into ``parquet``.
+
+    Each target is checked first (:func:`check_save_targets`: new or empty, or with ``overwrite`` an earlier
+    dataset of the same kind), then written beside it and moved into place, so it ends up holding exactly this
+    dataset (no stale splits) or, after an error, what it held before.
+    """
+    check_save_targets(output, parquet, overwrite)
     if output is not None:
-        dataset.save_to_disk(str(output))
+        _replace_folder(Path(output), lambda folder: dataset.save_to_disk(str(folder)))
     if parquet is not None:
-        folder = Path(parquet)
-        folder.mkdir(parents=True, exist_ok=True)
-        for split, part in dataset.items():
-            part.to_parquet(str(folder / f"{split}.parquet"))
+
+        def write_parquet(folder: Path) -> None:
+            folder.mkdir()
+            for split, part in dataset.items():
+                part.to_parquet(str(folder / f"{split}.parquet"))
+
+        _replace_folder(Path(parquet), write_parquet)
 
 
 def push_stpnet_dataset(dataset: datasets.DatasetDict, repo_id: str, private: bool = False) -> None:
@@ -151,6 +390,8 @@ def push_stpnet_dataset(dataset: datasets.DatasetDict, repo_id: str, private: bo
 
 __all__ = [
     "SPLIT_ORDER",
+    "check_save_targets",
+    "check_stpnet_splits",
     "load_stpnet_dataset",
     "push_stpnet_dataset",
     "save_stpnet_dataset",

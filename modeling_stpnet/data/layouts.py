@@ -15,12 +15,13 @@ A missing validation split is carved from train later (:func:`~.convert.carve_va
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from .io import DataError, find_by_stem, list_images
+from .io import IMAGE_EXTENSIONS, DataError, list_images
 from .lung_text import categories_from_zones, parse_lung_description
 
 LAYOUTS = ("kvasir-seg", "qata-cov19", "lvit")
@@ -105,15 +106,46 @@ def _problem(raw: RawDataset, on_error: str, split: str, file: Path | str, reaso
     raw.skips.append(Skip(split, str(file), reason))
 
 
-def _read_stems(path: Path) -> list[str]:
-    stems = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not stems:
+def _read_text(path: Path, expected: str) -> str:
+    """A small text file as str; a binary or non-UTF-8 file is a DataError naming it and what it should hold."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark from Windows editors is not a name
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path}: not a UTF-8 text file (byte {error.start} is {error.object[error.start]:#04x}); "
+            f"expected {expected}"
+        ) from error
+    if "\x00" in text:
+        raise DataError(f"{path}: not a text file (it contains NUL bytes); expected {expected}")
+    return text
+
+
+def _read_stems(path: Path) -> list[tuple[int, str]]:
+    """(line number, stem) for each name in a split list."""
+    expected = "one image name per line, with or without its extension (e.g. 'cju0qkwl35piu0993l0dewei2.jpg')"
+    lines = _read_text(path, expected).splitlines()
+    entries = [(number, line.strip()) for number, line in enumerate(lines, start=1) if line.strip()]
+    if not entries:
         raise DataError(f"{path}: split list is empty")
     # lists sometimes carry the file extension; the stem is what pairs image and mask
-    return [
-        Path(s).stem if Path(s).suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff") else s
-        for s in stems
-    ]
+    return [(n, Path(s).stem if Path(s).suffix.lower() in IMAGE_EXTENSIONS else s) for n, s in entries]
+
+
+def _by_stem(folder: Path, key: Callable[[str], str] = lambda name: Path(name).stem) -> dict[str, list[Path]]:
+    """Image files of ``folder`` per pairing key (the stem by default), in name order."""
+    index: dict[str, list[Path]] = {}
+    for path in list_images(folder):
+        index.setdefault(key(path.name), []).append(path)
+    return index
+
+
+def _one_file(files: list[Path], what: str, key: str) -> str | None:
+    """Why ``files`` (the images with one pairing key) cannot pair, or None when there is at most one."""
+    if len(files) < 2:
+        return None
+    # pairs are matched by stem, so with p1.png and p1.jpg it is a guess which one the mask (or text) belongs to
+    names = ", ".join(p.name for p in files)
+    return f"{len(files)} {what} files pair as {key!r} ({names}); rename or remove all but one"
 
 
 # ---------------------------------------------------------------------------- Kvasir-SEG
@@ -133,55 +165,99 @@ def _discover_kvasir(source: Path, raw: RawDataset, on_error: str) -> None:
     else:
         lists = {}
         raw.notes.append("no split lists found: every pair goes to train")
+    image_files, mask_files = _by_stem(images), _by_stem(masks)
     if lists:
-        stems = {split: _read_stems(path) for split, path in lists.items()}
+        entries = {
+            split: [(f"{path} line {n}", stem) for n, stem in _read_stems(path)] for split, path in lists.items()
+        }
     else:
-        stems = {"train": [p.stem for p in list_images(images)]}
+        entries = {"train": [(str(images), stem) for stem in image_files]}
     seen: dict[str, str] = {}
-    for split, names in stems.items():
+    for split, names in entries.items():
         records = []
-        for stem in names:
+        for where, stem in names:
             if stem in seen:
-                raise DataError(f"{lists.get(split, images)}: {stem!r} is also in split {seen[stem]!r}")
-            seen[stem] = split
-            image = find_by_stem(images, stem)
-            if image is None:
-                _problem(
-                    raw,
-                    on_error,
-                    split,
-                    images / stem,
-                    f"image listed in {lists.get(split, 'images/')} not found (looked for any image extension)",
-                )
+                raise DataError(f"{where}: {stem!r} is listed again (first at {seen[stem]}); list each image once")
+            seen[stem] = f"{where}, split {split!r}"
+            found = image_files.get(stem, [])
+            if not found:
+                reason = f"image listed in {where} not found (looked for any image extension)"
+                _problem(raw, on_error, split, images / stem, reason)
                 continue
-            mask = find_by_stem(masks, stem)
-            if mask is None:
+            reason = _one_file(found, "image", stem) or _one_file(mask_files.get(stem, []), "mask", stem)
+            if reason is not None:
+                _problem(raw, on_error, split, found[0], reason)
+                continue
+            image = found[0]
+            if stem not in mask_files:
                 _problem(raw, on_error, split, image, f"no mask {masks / stem}.* for this image")
                 continue
-            records.append(PairRecord(stem, image, mask, None, str(image)))
+            records.append(PairRecord(stem, image, mask_files[stem][0], None, str(image)))
         raw.splits[split] = records
 
 
 # ---------------------------------------------------------------------------- QaTa-COV19 (SGSeg csv)
+_QATA_COLUMNS = ["image", "mask", "pulmonary_infection", "infected_area", "pseudo_label_6zones"]
+
+
+def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    """A text csv, or a DataError naming the file, what is wrong and what it should hold."""
+    expected = f"a UTF-8 CSV file whose first line names the columns {columns}"
+    try:
+        return pd.read_csv(path, encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not a UTF-8 text file (byte {error.start}); expected {expected}") from error
+    except pd.errors.EmptyDataError as error:
+        raise DataError(f"{path}: the file is empty; expected {expected}") from error
+    except (pd.errors.ParserError, ValueError) as error:
+        raise DataError(f"{path}: unreadable CSV ({error}); expected {expected}") from error
+
+
+def _blank(value: object) -> bool:
+    return value is None or (not isinstance(value, str) and pd.isna(value)) or not str(value).strip()
+
+
+def _lines_per_name(names: list[str], first_line: int = 2) -> dict[str, list[int]]:
+    """Table lines (line 1 is the header) per name, to find names given by more than one row."""
+    lines: dict[str, list[int]] = {}
+    for line, name in enumerate(names, start=first_line):
+        lines.setdefault(name, []).append(line)
+    return lines
+
+
 def _discover_qata(source: Path, raw: RawDataset, on_error: str) -> None:
-    required = ["image", "mask", "pulmonary_infection", "infected_area", "pseudo_label_6zones"]
     for folder, split in _QATA_SPLITS.items():
         csv_path, images = source / f"{folder}_text.csv", source / folder / "images"
         if not images.is_dir():
             continue
         if not csv_path.is_file():
             raise DataError(f"{csv_path}: text csv missing for split folder {source / folder}")
-        table = pd.read_csv(csv_path)
-        missing = [c for c in required if c not in table.columns]
+        table = _read_csv(csv_path, _QATA_COLUMNS)
+        missing = [c for c in _QATA_COLUMNS if c not in table.columns]
         if missing:
             raise DataError(f"{csv_path}: missing columns {missing}; found {list(table.columns)}")
         if table.empty:
             raise DataError(f"{csv_path}: split {folder!r} has no rows")
+        lines = _lines_per_name([str(n).strip() for n in table["image"]])
         records, listed = [], set()
         for row_number, row in enumerate(table.itertuples(index=False), start=2):  # line 1 is the header
             where = f"{csv_path} line {row_number}"
-            image, mask = images / str(row.image), source / folder / "masks" / str(row.mask)
-            listed.add(str(row.image))
+            blank = [c for c in ("image", "mask") if _blank(getattr(row, c))]
+            if blank:
+                folders = {"image": images, "mask": source / folder / "masks"}
+                reason = f"column {blank[0]!r} is empty; expected a file name in {folders[blank[0]]}"
+                _problem(raw, on_error, split, where, reason)
+                continue
+            name = str(row.image).strip()
+            image, mask = images / name, source / folder / "masks" / str(row.mask).strip()
+            listed.add(name)
+            if len(lines[name]) > 1:
+                # which row is right is unknowable, so none is used; reported once, naming every row
+                if lines[name][0] == row_number:
+                    numbers = ", ".join(str(n) for n in lines[name])
+                    reason = f"{len(lines[name])} rows of {csv_path} describe this image (lines {numbers}); keep one"
+                    _problem(raw, on_error, split, image, reason)
+                continue
             if not image.is_file():
                 _problem(raw, on_error, split, image, f"image named in {where} not found")
                 continue
@@ -189,12 +265,13 @@ def _discover_qata(source: Path, raw: RawDataset, on_error: str) -> None:
                 _problem(raw, on_error, split, image, f"mask {mask} (named in {where}) not found")
                 continue
             try:
-                zones = str(row.pseudo_label_6zones).split()
-                sentences = categories_from_zones(row.pulmonary_infection, row.infected_area, zones, where)
-            except (DataError, ValueError) as error:
+                sentences = categories_from_zones(
+                    row.pulmonary_infection, row.infected_area, row.pseudo_label_6zones, where
+                )
+            except DataError as error:
                 _problem(raw, on_error, split, image, str(error))
                 continue
-            records.append(PairRecord(Path(str(row.image)).stem, image, mask, sentences, where))
+            records.append(PairRecord(Path(name).stem, image, mask, sentences, where))
         unlisted = [p for p in list_images(images) if p.name not in listed]
         if unlisted:
             # images without text cannot become examples; count them rather than fail, the csv is authoritative
@@ -244,30 +321,44 @@ def _discover_lvit(source: Path, raw: RawDataset, on_error: str) -> None:
         if text_path is None:
             raise DataError(f"{folder}: no text file ({prefix}_text.xlsx or .csv with columns Image, Description)")
         table = _read_text_table(text_path)
-        texts: dict[str, tuple[str, str]] = {}
+        texts: dict[str, list[tuple[str, str]]] = {}  # key -> (description, where) of every row naming it
         for row_number, row in enumerate(table.itertuples(index=False), start=2):
-            texts[_key(row.Image)] = (row.Description, f"{text_path} row {row_number} (Image={row.Image})")
-        masks = {_key(p.name): p for p in list_images(labels)}
-        images = list_images(folder / "img")
+            if _blank(row.Image):
+                reason = "column 'Image' is empty; expected the file name of an image in img/ or of its mask"
+                _problem(raw, on_error, split, f"{text_path} row {row_number}", reason)
+                continue
+            where = f"{text_path} row {row_number} (Image={row.Image})"
+            texts.setdefault(_key(row.Image), []).append((row.Description, where))
+        masks = _by_stem(labels, _key)
+        images = _by_stem(folder / "img", _key)
         if not images:
             raise DataError(f"{folder / 'img'}: split {split!r} has no images")
         records = []
-        for image in images:
-            key = _key(image.name)
+        for key, files in images.items():
+            image = files[0]
+            reason = _one_file(files, "image", key) or _one_file(masks.get(key, []), "mask", key)
+            if reason is not None:
+                _problem(raw, on_error, split, image, reason)
+                continue
             if key not in masks:
                 _problem(raw, on_error, split, image, f"no mask for this image in {labels}")
                 continue
             if key not in texts:
                 _problem(raw, on_error, split, image, f"no description row in {text_path}")
                 continue
-            description, where = texts[key]
+            if len(texts[key]) > 1:
+                # which row is right is unknowable; taking the last one would silently drop the other
+                rows = "; ".join(where for _, where in texts[key])
+                _problem(raw, on_error, split, image, f"{len(texts[key])} rows describe this image: {rows}; keep one")
+                continue
+            description, where = texts[key][0]
             try:
                 sentences = parse_lung_description(description, where)
             except DataError as error:
                 _problem(raw, on_error, split, image, str(error))
                 continue
-            records.append(PairRecord(key, image, masks[key], sentences, where))
-        unused = len(set(texts) - {_key(p.name) for p in images})
+            records.append(PairRecord(key, image, masks[key][0], sentences, where))
+        unused = len(set(texts) - set(images))
         if unused:
             raw.notes.append(f"{split}: {unused} row(s) of {text_path.name} name no image in {folder / 'img'}")
         raw.splits[split] = records

@@ -7,6 +7,7 @@ lower -> "upper lower left lung", none -> "no lesion in left lung".
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -48,8 +49,26 @@ def location_sentence(side: str, zones: set[str] | Sequence[str]) -> str:
     return " ".join(z for z in ZONES if z in zones) + f" {side} lung"
 
 
+def _shown(value: object) -> str:
+    """A cell value for an error message; pandas gives a missing cell as NaN (or NA), which means "empty"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or str(value) in ("nan", "<NA>", "NaT"):
+        return "empty"
+    return repr(value.item() if hasattr(value, "item") else value)  # numpy scalars print as np.int64(3)
+
+
+def _whole_number(value: object, column: str, accepted: str, where: str) -> int:
+    """An integer cell whatever type pandas read it as: 2, 2.0 (a column with a gap is float) or "2" (text)."""
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number != int(number):
+        raise DataError(f"{where}: column {column!r} must be {accepted}, got {_shown(value)}")
+    return int(number)
+
+
 def categories_from_zones(
-    pulmonary_infection: int, infected_area: int, zones6: Sequence[int], where: str = "<row>"
+    pulmonary_infection: object, infected_area: object, zones6: Sequence[object] | str, where: str = "<row>"
 ) -> dict[str, str]:
     """QaTa-COV19 (SGSeg csv) columns -> the four category sentences.
 
@@ -57,36 +76,48 @@ def categories_from_zones(
         pulmonary_infection: 1 = unilateral, 2 = bilateral.
         infected_area: number of positive zones; 1 -> "one infected area", >= 2 -> "multiple infected areas".
             0 would mean no infected zone, which the STPNet vocabulary cannot express: it raises.
-        zones6: six 0/1 flags ordered left upper, left middle, left lower, right upper, right middle, right lower.
+        zones6: six 0/1 flags ordered left upper, left middle, left lower, right upper, right middle, right lower,
+            as a sequence or as the csv's space-separated text.
         where: file and row, for error messages.
+
+    Cells may come as pandas read them (int, whole float, numeric text); anything else (a word, an empty cell)
+    raises :class:`DataError` naming ``where``, the column, the value and what is accepted.
     """
-    flags = [int(z) for z in zones6]
-    if len(flags) != 6 or any(f not in (0, 1) for f in flags):
-        raise DataError(f"{where}: pseudo_label_6zones must be six 0/1 flags, got {list(zones6)}")
-    if int(pulmonary_infection) not in (1, 2):
+    zones_accepted = "six 0/1 flags separated by spaces (left upper middle lower, right upper middle lower), e.g. "
+    zones_accepted += "'1 0 0 0 0 1'"
+    if isinstance(zones6, str):
+        cells, shown = zones6.split(), repr(zones6)
+    elif isinstance(zones6, Sequence):
+        cells, shown = list(zones6), repr(list(zones6))
+    else:  # an empty cell arrives as NaN
+        cells, shown = [], _shown(zones6)
+    if len(cells) != 6 or any(str(c).strip() not in ("0", "1") for c in cells):
+        raise DataError(f"{where}: column 'pseudo_label_6zones' must be {zones_accepted}, got {shown}")
+    flags = [int(str(c).strip()) for c in cells]
+    laterality = _whole_number(pulmonary_infection, "pulmonary_infection", "1 (unilateral) or 2 (bilateral)", where)
+    if laterality not in (1, 2):
         raise DataError(
-            f"{where}: pulmonary_infection must be 1 (unilateral) or 2 (bilateral), got {pulmonary_infection}"
+            f"{where}: column 'pulmonary_infection' must be 1 (unilateral) or 2 (bilateral), got {laterality}"
         )
-    if int(infected_area) <= 0:
+    area = _whole_number(infected_area, "infected_area", "the number of infected zones, 1 to 6", where)
+    if area <= 0:
         raise DataError(
-            f"{where}: infected_area is {infected_area} (no infected zone); the STPNet vocabulary has no "
+            f"{where}: infected_area is {area} (no infected zone); the STPNet vocabulary has no "
             "'no infection' entry for laterality/count"
         )
-    if int(infected_area) != sum(flags):
-        raise DataError(
-            f"{where}: infected_area={infected_area} but pseudo_label_6zones has {sum(flags)} positive zones"
-        )
+    if area != sum(flags):
+        raise DataError(f"{where}: infected_area={area} but pseudo_label_6zones has {sum(flags)} positive zones")
     left = {z for z, f in zip(ZONES, flags[:3]) if f}
     right = {z for z, f in zip(ZONES, flags[3:]) if f}
     sides = int(bool(left)) + int(bool(right))
-    if sides != int(pulmonary_infection):
+    if sides != laterality:
         raise DataError(
-            f"{where}: pulmonary_infection={pulmonary_infection} disagrees with the zones "
+            f"{where}: pulmonary_infection={laterality} disagrees with the zones "
             f"(left {sorted(left) or 'none'}, right {sorted(right) or 'none'})"
         )
     return {
-        "laterality": LATERALITY[int(pulmonary_infection) - 1],
-        "count": COUNT[0] if int(infected_area) == 1 else COUNT[1],
+        "laterality": LATERALITY[laterality - 1],
+        "count": COUNT[0] if area == 1 else COUNT[1],
         "left_location": location_sentence("left", left),
         "right_location": location_sentence("right", right),
     }

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..data.hub import ID_COLUMNS
+from ..data.io import DataError
 from ..image_processing_stpnet import STPNetImageProcessor
 from .augment import TextLabelPolicy, augment_pair, sample_generator
 from .config import AugmentSection
@@ -103,7 +105,18 @@ class SegmentationDataset(Dataset):
         seed: int = 0,
         label_policy: TextLabelPolicy | None = None,
     ) -> None:
+        self.name = f"split {str(split.split)!r}" if split.split is not None else "the split"
+        if len(split) == 0:
+            raise DataError(f"{self.name} has no rows; training and evaluation need at least one example")
+        required = ["image", "mask", *categories]
+        missing = [c for c in required if c not in split.column_names]
+        if missing:
+            raise DataError(
+                f"{self.name} lacks column(s) {missing}: present {split.column_names}, required {required} (image, "
+                "mask and one label column per text category)"
+            )
         self.split = split
+        self.id_column = next((c for c in ID_COLUMNS if c in split.column_names), None)
         self.processor = processor
         self.categories = list(categories)
         self.augment = augment if augment is not None and augment.enabled else None
@@ -121,7 +134,19 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         row = self.split[int(index)]
-        inputs = self.processor(row["image"], segmentation_maps=row["mask"])
+        # the processor numbers images within its call (always 0 here); the stored row is what finds the example
+        where = f"row {_stored_row(self.split, int(index))}"
+        where += (f" ({self.id_column} {row[self.id_column]!r})" if self.id_column else "") + f" of {self.name}"
+        image, mask = row["image"], row["mask"]
+        if hasattr(image, "size") and hasattr(mask, "size") and image.size != mask.size:
+            raise DataError(
+                f"{where}: the mask is {mask.size[0]}x{mask.size[1]} but its image is {image.size[0]}x{image.size[1]} "
+                "(width x height); a mask must have its image's size"
+            )
+        try:
+            inputs = self.processor(image, segmentation_maps=mask)
+        except ValueError as error:
+            raise DataError(f"{where}: {error}") from error
         pixel_values, labels = inputs["pixel_values"][0], inputs["labels"][0]
         text_labels = torch.tensor([int(row[c]) for c in self.categories], dtype=torch.long)
         if self.augment is not None:
@@ -137,6 +162,12 @@ class SegmentationDataset(Dataset):
             "text_labels": text_labels,
             "index": torch.tensor(int(index)),
         }
+
+
+def _stored_row(split: datasets.Dataset, index: int) -> int:
+    """The row of ``split``'s stored table: ``select`` (the validation carve) renumbers rows but keeps a mapping."""
+    mapping = getattr(split, "_indices", None)
+    return int(mapping.column(0)[index].as_py()) if mapping is not None else index
 
 
 def make_loader(dataset: SegmentationDataset, sampler: EpochBatchSampler, num_workers: int, seed: int) -> DataLoader:
