@@ -4,16 +4,21 @@
 #   bash scripts/main.sh                    # set up .venv (extras "train"), then train + evaluate + card
 #   STPNET_SKIP_SETUP=1 bash scripts/main.sh   # reuse an existing .venv as is
 #   bash scripts/main.sh --set train.epochs=5  # extra arguments go to hub_scripts/train.py
+# A rerun replaces the previous run in outputs/sample-tiny/: train.py and evaluate.py get --overwrite (each removes
+# only the files it writes) and hub/ is replaced because it is an earlier dry run; pass --resume to continue the
+# training instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${STPNET_SKIP_SETUP:-0}" = 1 ] || bash scripts/setup_env.sh train
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 out=outputs/sample-tiny
 start=$(date +%s)
+mode=--overwrite
+for arg in "$@"; do case "$arg" in --resume | --resume=*) mode= ;; esac; done
 # Explicit launcher flags: no `accelerate config` file is needed, and on a GPU machine it still uses the GPU.
 .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-  hub_scripts/train.py --config configuration/train/sample-tiny.yaml --output-dir "$out" "$@"
-.venv/bin/python hub_scripts/evaluate.py --model "$out/best" --output-dir "$out/evaluation" --no-progress
+  hub_scripts/train.py --config configuration/train/sample-tiny.yaml --output-dir "$out" ${mode:+"$mode"} "$@"
+.venv/bin/python hub_scripts/evaluate.py --model "$out/best" --output-dir "$out/evaluation" --no-progress --overwrite
 .venv/bin/python hub_scripts/push_to_hub.py --model "$out/best" --metrics "$out/evaluation/metrics.json" \
   --dry-run "$out/hub"
 echo "main job done in $(( $(date +%s) - start )) s: $out/evaluation/metrics.json, $out/training_curves.png, $out/hub/README.md"
