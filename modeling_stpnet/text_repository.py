@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,12 @@ class ScaleAwareTextRepository:
         validate_repository(self.categories, self.sentences)
         if self.description_template is None:
             self.description_template = ", ".join("{" + c + "}" for c in self.categories) + "."
+        validate_template(self.description_template, self.categories)
+        if self.auto_description is not None and not isinstance(self.auto_description, dict):
+            raise ValueError(
+                "'auto_description' must be a mapping of thresholds or null, got "
+                f"{type(self.auto_description).__name__}"
+            )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -86,16 +93,23 @@ class ScaleAwareTextRepository:
             raise ValueError(f"{source}: a text repository needs a 'categories' list of {{'name', 'sentences'}}")
         try:
             categories = [str(c["name"]) for c in data["categories"]]
+            for c in data["categories"]:
+                # a bare string would be split into its characters below and reported as duplicate sentences
+                if not isinstance(c["sentences"], list):
+                    raise TypeError(f"'sentences' of {c['name']!r} must be a list of strings")
             sentences = [[str(s) for s in c["sentences"]] for c in data["categories"]]
         except (TypeError, KeyError) as error:
-            raise ValueError(f"{source}: every category needs 'name' and 'sentences' ({error})") from error
-        return cls(
-            categories=categories,
-            sentences=sentences,
-            name=str(data.get("name", "custom")),
-            description_template=data.get("description_template"),
-            auto_description=data.get("auto_description"),
-        )
+            raise ValueError(f"{source}: every category needs 'name' and a 'sentences' list ({error})") from error
+        try:
+            return cls(
+                categories=categories,
+                sentences=sentences,
+                name=str(data.get("name", "custom")),
+                description_template=data.get("description_template"),
+                auto_description=data.get("auto_description"),
+            )
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from error
 
     @classmethod
     def from_config(cls, config: Any) -> ScaleAwareTextRepository:
@@ -195,6 +209,22 @@ def validate_repository(categories: list[str], sentences: list[list[str]]) -> No
         normalised = [_normalise(s) for s in entries]
         if len(set(normalised)) != len(normalised) or any(not s for s in normalised):
             raise ValueError(f"Category {name!r} has empty or duplicate sentences: {entries}")
+
+
+def validate_template(template: Any, categories: list[str]) -> None:
+    """The description template may only name categories: anything else would fail at the first description."""
+    if not isinstance(template, str):
+        raise ValueError(f"'description_template' must be a string, got {type(template).__name__}")
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        raise ValueError(f"'description_template' {template!r} is not a valid format string ({error})") from error
+    unknown = [name for name in fields if name not in categories]
+    if unknown:
+        raise ValueError(
+            f"'description_template' {template!r} names {unknown}, which are not categories; accepted: "
+            + ", ".join("{" + c + "}" for c in categories)
+        )
 
 
 def _normalise(sentence: str) -> str:

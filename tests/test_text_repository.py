@@ -51,7 +51,14 @@ def test_index_of_and_unknown_description() -> None:
     ("data", "match"),
     [
         ({}, "categories"),
-        ({"categories": [{"name": "a"}]}, "name' and 'sentences"),
+        ({"categories": [{"name": "a"}]}, "name' and a 'sentences' list"),
+        ({"categories": [{"name": "a", "sentences": "one polyp"}]}, "'sentences' of 'a' must be a list of strings"),
+        (
+            {"categories": [{"name": "a", "sentences": ["x", "y"]}], "description_template": "{a} {nope}"},
+            r"names \['nope'\], which are not categories; accepted: \{a\}",
+        ),
+        ({"categories": [{"name": "a", "sentences": ["x", "y"]}], "description_template": "{a"}, "not a valid format"),
+        ({"categories": [{"name": "a", "sentences": ["x", "y"]}], "auto_description": "yes"}, "mapping of thresholds"),
         ({"categories": [{"name": "bad name", "sentences": ["x", "y"]}]}, "identifier"),
         ({"categories": [{"name": "a", "sentences": ["x", "X."]}]}, "duplicate"),
         ({"categories": [{"name": "a", "sentences": ["x"]}]}, "at least 2"),
@@ -60,7 +67,10 @@ def test_index_of_and_unknown_description() -> None:
 )
 def test_bad_definitions(data: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        ScaleAwareTextRepository.from_dict(data)
+        ScaleAwareTextRepository.from_dict(data, source="defs.json")
+    if "categories" in data and data["categories"]:  # past the structural checks, every error names its file
+        with pytest.raises(ValueError, match="^defs.json: "):
+            ScaleAwareTextRepository.from_dict(data, source="defs.json")
 
 
 def test_unreadable_definition_names_the_file(tmp_path: Path) -> None:
