@@ -203,6 +203,16 @@ class STPNetConfig(PretrainedConfig):
                     f"2*{c} of every scale (base_channels={self.base_channels})"
                 )
         validate_init_mode("STPNetConfig", self.one_channel_conv_init)
+        # Checked by type first: a string "false" is truthy and would silently switch a module on, and a string or
+        # None in a weight would only fail deep inside the loss.
+        for name in ("shared_retrieval_detach", "use_ssa", "use_text", "zero_init_ssa", "encoder_text_channel"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"STPNetConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        numbers = ("mlp_ratio", "dice_weight", "bce_weight", "retrieval_weight", "classifier_weight", "focal_gamma")
+        for name in (*numbers, "teacher_forcing_prob", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"STPNetConfig.{name} must be a number, got {value!r}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"STPNetConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
         for name in ("dice_weight", "bce_weight", "retrieval_weight", "classifier_weight", "focal_gamma"):

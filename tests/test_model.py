@@ -322,6 +322,9 @@ def test_bad_pixel_values_and_labels() -> None:
         ("text_categories", ["a", "b"], "category names but"),
         ("ssa_dilations", [], "ssa_dilations"),
         ("ssa_dilations", [3, 0], "ssa_dilations"),
+        ("use_text", "false", "use_text must be true or false, got 'false'"),
+        ("dice_weight", "a", "dice_weight must be a number"),
+        ("mlp_ratio", None, "mlp_ratio must be a number"),
     ],
 )
 def test_config_validation(field: str, value, match: str) -> None:
