@@ -17,7 +17,13 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from modeling_stpnet.training import ConfigError, load_train_config, run_training
-from modeling_stpnet.training.checkpoints import check_output_dir, clear_run, find_checkpoint, save_checkpoint
+from modeling_stpnet.training.checkpoints import (
+    check_output_dir,
+    check_resume_config,
+    clear_run,
+    find_checkpoint,
+    save_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CONFIG = ROOT / "configuration" / "train" / "sample-tiny.yaml"
@@ -128,23 +134,82 @@ def test_output_folder_guard(tmp_path: Path, capsys) -> None:
     with pytest.raises(ConfigError, match="no checkpoint to continue from.*--overwrite"):
         check_output_dir(run, "latest", False)  # starting afresh would replace best/ unasked
     assert check_output_dir(run, None, True) is None
-    (run / "checkpoints" / "step-0000004").mkdir(parents=True)
-    assert check_output_dir(run, True, False) == run / "checkpoints" / "step-0000004"
+    step = run / "checkpoints" / "step-0000004"
+    step.mkdir(parents=True)
+    with pytest.raises(ConfigError, match="step-0000004: not a checkpoint folder written by train.py"):
+        check_output_dir(run, True, False)
+    for name in ("model.safetensors", "optimizer.bin"):  # what accelerator.save_state writes
+        (step / name).write_text("")
+    assert check_output_dir(run, True, False) == step
+    assert check_output_dir(run, str(step), False) == step
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"not a checkpoint folder written by train.py \(expected model.safetensors"):
+        check_output_dir(run, str(notes), False)
+    with pytest.raises(ConfigError, match="looks like a run folder.*--output-dir.*--resume"):
+        check_output_dir(run, str(run), False)  # the run, not one of its checkpoints
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_dir_that_is_a_file_is_refused_up_front(tmp_path: Path, overwrite: bool, capsys) -> None:
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("keep")
+    with pytest.raises(ConfigError, match="results.txt is a file, not a folder"):
+        check_output_dir(a_file, None, overwrite)
+    with pytest.raises(ConfigError, match=r"results.txt \(a folder above output_dir .*run\) is a file"):
+        check_output_dir(a_file / "run", None, overwrite)
+    train = load_script(ROOT / "hub_scripts" / "train.py")
+    argv = ["--config", str(SAMPLE_CONFIG), "--output-dir", str(a_file)] + (["--overwrite"] if overwrite else [])
+    assert train.main(argv) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "keep"
+
+
+def test_resume_refuses_another_model_config(tmp_path: Path) -> None:
+    run_yaml = tiny_config(tmp_path / "run").to_yaml()
+    step = tmp_path / "run" / "checkpoints" / "step-0000002"
+    step.mkdir(parents=True)
+    (tmp_path / "run" / "train_config.yaml").write_text(run_yaml)  # checkpoints from before the config was saved in it
+    check_resume_config(step, tiny_config(tmp_path / "run", **{"train.max_steps": 9}).to_yaml())  # longer: fine
+    other = tiny_config(tmp_path / "run", **{"model.preset": "stpnet-small", "model.overrides.base_channels": 4})
+    with pytest.raises(ConfigError, match=r"another model config.*model.overrides.base_channels: None in the run, 4 now"
+                       r"; model.preset: 'stpnet-tiny' in the run, 'stpnet-small' now"):  # fmt: skip
+        check_resume_config(step, other.to_yaml())
+    (step / "train_config.yaml").write_text(other.to_yaml())  # the checkpoint's own record wins
+    check_resume_config(step, other.to_yaml())
+    loose = tmp_path / "elsewhere"
+    loose.mkdir()
+    check_resume_config(loose, other.to_yaml())  # no record to compare with: load_state decides
 
 
 def test_clear_run_removes_only_what_a_run_writes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     written = ["best/model.safetensors", "checkpoints/step-0000002/model.safetensors", "history.json", "history.csv",
-               "run.json", "train.log", "train_config.yaml", "training_curves.png", "tensorboard/x/events",
-               "test/metrics.json", "test/per_image.csv", "test/overlays/best-1.png"]  # fmt: skip
-    kept = ["notes.txt", "thesis/thesis.tex", "test/my-analysis.ipynb", "evaluation/metrics.json"]
+               "checkpoints/.staging-step-0000003/optimizer.bin", "run.json", "train.log", "train_config.yaml",
+               "training_curves.png", "tensorboard/x/events", "test/metrics.json", "test/per_image.csv",
+               "test/overlays/best_01_cju0qkwl35piu0993l0dewei2_dice0.912.png",
+               "test/overlays/worst_04_a_b_dicenan.png"]  # fmt: skip
+    kept = ["notes.txt", "thesis/thesis.tex", "test/my-analysis.ipynb", "evaluation/metrics.json",
+            "test/overlays/figure-3.png", "test/overlays/best_case.png", "checkpoints/README.md",
+            "checkpoints/step-final-export/model.safetensors"]  # fmt: skip
     for name in written + kept:
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text(name)
     clear_run(run)
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()) == sorted(kept)
-    assert not (run / "best").exists() and not (run / "checkpoints").exists()
+    assert not (run / "best").exists()
+
+    for name in kept:  # folders a run's files emptied go too
+        if name.startswith(("checkpoints/", "test/overlays/")):
+            (run / name).unlink()
+    (run / "checkpoints" / "step-final-export").rmdir()
+    (run / "checkpoints" / "step-0000009").mkdir()
+    (run / "test" / "overlays" / "best_01_x_dice0.500.png").write_text("")
+    clear_run(run)
+    assert not (run / "checkpoints").exists() and not (run / "test" / "overlays").exists()
+    assert (run / "test" / "my-analysis.ipynb").is_file()
 
     only_ours = tmp_path / "only-ours"
     (only_ours / "test").mkdir(parents=True)
@@ -237,12 +302,32 @@ def test_training_refuses_an_earlier_run_and_overwrite_replaces_only_it(tmp_path
     assert str(run) in err and "--resume" in err and "--overwrite" in err
     assert train.main(["--config", str(SAMPLE_CONFIG), "--output-dir", str(run), "--resume", "--overwrite"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    bad_preset = ["--config", str(SAMPLE_CONFIG), "--output-dir", str(run), "--overwrite", "--set"]
+    assert train.main([*bad_preset, "model.preset=stpnet-tinny"]) == 2
+    assert "model.preset='stpnet-tinny'" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before  # checked before anything was cleared
+    assert (run / "best" / "model.safetensors").read_bytes() == best
 
     result = run_training(tiny_config(run), model_factory=lambda c, r: TinyModel(TinyConfig()), overwrite=True)
     assert result["steps"] == 2 and [row["step"] for row in result["history"]] == [1, 2]
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"step-0000002"}  # the new run's, kept
     assert (run / "notes.txt").read_text() == "mine"
     assert json.loads((run / "run.json").read_text())["steps"] == 2
+
+    with pytest.raises(ConfigError, match="another model config.*model.preset: 'stpnet-tiny' in the run"):
+        run_training(tiny_config(run, **{"model.preset": "stpnet-small"}), resume=True)
+    result = run_training(tiny_config(run, **{"train.max_steps": 3}), lambda c, r: TinyModel(TinyConfig()), resume=True)
+    assert result["steps"] == 3 and (run / "checkpoints" / "step-0000003" / "train_config.yaml").is_file()
+
+
+def test_a_batch_larger_than_the_split_is_noted_and_recorded(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    config = tiny_config(run, **{"train.batch_size": 64, "train.max_steps": 1, "train.checkpoint_every_steps": 0})
+    run_training(config, model_factory=lambda c, r: TinyModel(TinyConfig()))
+    assert "train.batch_size=64" in capsys.readouterr().out
+    info = json.loads((run / "run.json").read_text())
+    assert info["global_batch_size"] == 64 and info["effective_global_batch_size"] == info["train_examples"] == 32
 
 
 def test_quality_benchmark_resumes_only_an_interrupted_run_of_the_same_config(tmp_path: Path) -> None:

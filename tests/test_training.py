@@ -401,7 +401,7 @@ def test_missing_dataset_column_and_split_are_clear(tiny_dataset: Path, tmp_path
         run_training(load_train_config(SAMPLE_CONFIG, overrides))
 
 
-def test_train_cli_reports_config_errors(capsys) -> None:
+def test_train_cli_reports_config_errors(capsys, tmp_path) -> None:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_cli", TRAIN_SCRIPT)
@@ -409,5 +409,7 @@ def test_train_cli_reports_config_errors(capsys) -> None:
     spec.loader.exec_module(cli)
     assert cli.main(["--config", str(SAMPLE_CONFIG), "--set", "train.lrr=1e-3"]) == 2
     assert "did you mean 'train.lr'" in capsys.readouterr().err
-    assert cli.main(["--config", str(SAMPLE_CONFIG), "--dataset", "./no/such/folder"]) == 2
+    # a fresh output folder: the config's default (outputs/sample-tiny) may hold the main job's run, which is refused
+    out = ["--output-dir", str(tmp_path / "run")]
+    assert cli.main(["--config", str(SAMPLE_CONFIG), "--dataset", "./no/such/folder", *out]) == 2
     assert "no such folder" in capsys.readouterr().err

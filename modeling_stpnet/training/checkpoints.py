@@ -10,18 +10,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
 from accelerate import Accelerator
 
 from ..image_processing_stpnet import STPNetImageProcessor
 from .config import ConfigError
 
 CHECKPOINTS = "checkpoints"
-# Everything a run writes into its output folder (the test split's evaluation only as the files listed in TEST_FILES):
-# --overwrite removes exactly these, so anything else a user keeps in the folder survives.
+# Everything a run writes into its output folder, removed whole by --overwrite; checkpoints/ and test/overlays/ only
+# as the entries a run names so (see clear_run), so anything else a user keeps in the folder survives.
 RUN_OUTPUTS = (
     "best",
     ".best-staging",
-    CHECKPOINTS,
     "history.json",
     "history.csv",
     "run.json",
@@ -30,11 +30,19 @@ RUN_OUTPUTS = (
     "training_curves.png",
     "tensorboard",
 )
-TEST_DIR, TEST_FILES = "test", ("metrics.json", "per_image.csv", "overlays")
+TEST_DIR, TEST_FILES, OVERLAYS = "test", ("metrics.json", "per_image.csv"), "overlays"
+# The names evaluation.write_overlays gives its panels ({best,worst}_NN_<image name>_dice0.123.png): a user's own
+# PNGs beside them in test/overlays are not ours to delete.
+_OVERLAY = re.compile(r"(?:best|worst)_\d{2,}_.*_dice(?:\d+\.\d{3}|nan)\.png")
 # What makes a folder hold results worth keeping; a run killed before its first evaluation leaves only its log and
 # config, which a fresh run may take over.
 RESULTS = ("best", CHECKPOINTS, "history.json", "history.csv", "run.json", f"{TEST_DIR}/metrics.json")
 _STEP = re.compile(r"step-(\d+)")
+_CHECKPOINT_DIRS = re.compile(r"(?:\.staging-)?step-\d+")
+# What the config of a run's checkpoints decides about the network: resuming with other values would either fail in
+# load_state with a long size-mismatch error or silently train a model its config no longer describes.
+MODEL_KEYS = ("model", "text", "data.image_size")
+CONFIG_FILE = "train_config.yaml"
 
 
 def save_best(
@@ -65,8 +73,11 @@ def checkpoint_steps(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> Path:
-    """``accelerator.save_state`` into ``checkpoints/step-NNNNNNN`` (every process takes part).
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, step: int, keep: int, config_yaml: str | None = None
+) -> Path:
+    """``accelerator.save_state`` into ``checkpoints/step-NNNNNNN`` (every process takes part), with the run's
+    ``train_config.yaml`` beside it so that a resume can be checked against the config the weights were built from.
 
     Written under a staging name and renamed when complete, so a run killed while saving leaves nothing that looks
     like a whole checkpoint; only the newest ``keep`` up to ``step`` are kept. A checkpoint numbered above ``step``
@@ -80,6 +91,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if config_yaml is not None:
+            (staging / CONFIG_FILE).write_text(config_yaml)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         ours = [path for number, path in checkpoint_steps(output_dir) if number <= step]
@@ -104,9 +117,88 @@ def find_checkpoint(output_dir: Path, resume: bool | str | os.PathLike) -> Path 
     return path
 
 
+def check_checkpoint_folder(path: Path) -> None:
+    """Refuses a folder ``accelerator.save_state`` did not write, which ``load_state`` would only report as a missing
+    ``pytorch_model.bin`` after the data and the model are loaded."""
+    names = sorted(p.name for p in path.iterdir())
+    has_model = any(n.startswith(("model", "pytorch_model")) for n in names)
+    has_optimizer = any(n.startswith("optimizer") for n in names)
+    if has_model and has_optimizer:
+        return
+    hint = ""
+    if (path / CHECKPOINTS).is_dir() or (path / "best").is_dir():
+        hint = f"; {path} looks like a run folder: to continue it, pass --output-dir {path} --resume (no folder)"
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
+    raise ConfigError(
+        f"--resume {path}: not a checkpoint folder written by train.py (expected model.safetensors and optimizer.bin, "
+        f"as in <output-dir>/{CHECKPOINTS}/step-NNNNNNN; found {shown}){hint}"
+    )
+
+
+def _flatten(data: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(_flatten(value, f"{prefix}.{key}"))
+    return flat or {prefix: {}}
+
+
+def _model_settings(config: dict[str, Any]) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    for key in MODEL_KEYS:
+        value: Any = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        settings.update(_flatten(value, key))
+    return settings
+
+
+def check_resume_config(checkpoint: Path, config_yaml: str) -> None:
+    """Refuses to resume ``checkpoint`` with a config that builds another network (see ``MODEL_KEYS``).
+
+    The checkpoint's own ``train_config.yaml`` is used, else (checkpoints written before it was saved there) the
+    run's, when the checkpoint lies in ``<run>/checkpoints``; without either there is nothing to compare.
+    """
+    candidates = [checkpoint / CONFIG_FILE]
+    if checkpoint.parent.name == CHECKPOINTS:
+        candidates.append(checkpoint.parent.parent / CONFIG_FILE)
+    saved_file = next((path for path in candidates if path.is_file()), None)
+    if saved_file is None:
+        return
+    try:
+        saved = yaml.safe_load(saved_file.read_text())
+    except (OSError, yaml.YAMLError):
+        return  # an unreadable record must not block a resume; load_state still checks the shapes
+    if not isinstance(saved, dict):
+        return
+    before, now = _model_settings(saved), _model_settings(yaml.safe_load(config_yaml))
+    differing = [key for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
+    if differing:
+        changes = "; ".join(f"{key}: {before.get(key)!r} in the run, {now.get(key)!r} now" for key in differing)
+        raise ConfigError(
+            f"--resume {checkpoint}: the checkpoint was trained with another model config ({saved_file}): {changes}. "
+            "Resume with the run's settings, or start a new run (another --output-dir, or --overwrite)"
+        )
+
+
 def run_results(output_dir: Path) -> list[str]:
     """The results of an earlier run that ``output_dir`` holds (names relative to it; empty when none)."""
     return [name for name in RESULTS if (output_dir / name).exists()]
+
+
+def check_is_folder(output_dir: Path) -> None:
+    """A file where the run folder (or one above it) should be would only fail at the first write, after the data
+    and the model are loaded."""
+    for path in (output_dir, *output_dir.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                where = "" if path == output_dir else f" (a folder above output_dir {output_dir})"
+                raise ConfigError(
+                    f"output_dir: {path}{where} is a file, not a folder; pass --output-dir a new folder or one that "
+                    "holds a run"
+                )
+            return
 
 
 def check_output_dir(output_dir: Path, resume: bool | str | os.PathLike | None, overwrite: bool) -> Path | None:
@@ -117,6 +209,7 @@ def check_output_dir(output_dir: Path, resume: bool | str | os.PathLike | None, 
             "--resume and --overwrite exclude each other: --resume continues the run in the output folder, "
             "--overwrite replaces it"
         )
+    check_is_folder(output_dir)
     if overwrite:
         return None
     found = run_results(output_dir)
@@ -135,23 +228,49 @@ def check_output_dir(output_dir: Path, resume: bool | str | os.PathLike | None, 
             f"--resume: {output_dir / CHECKPOINTS} has no checkpoint to continue from, but {output_dir} holds the "
             f"results of a run ({', '.join(found)}); pass --overwrite (overwrite=True) instead to replace that run"
         )
+    if checkpoint is not None:
+        check_checkpoint_folder(checkpoint)
     return checkpoint
+
+
+def _remove(path: Path) -> None:
+    # A link is removed, never followed: what it points to was not written by this run.
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _clear_folder(folder: Path, ours: re.Pattern[str], output_dir: Path) -> list[str]:
+    """Removes the entries of ``folder`` whose names match ``ours``, then ``folder`` itself if that emptied it.
+
+    A linked folder (checkpoints on another disk) is cleared through the link, since the run writes through it too,
+    but the link itself stays."""
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if ours.fullmatch(path.name):
+            _remove(path)
+            removed.append(str(path.relative_to(output_dir)))
+    if not folder.is_symlink() and not any(folder.iterdir()):
+        folder.rmdir()
+    return removed
 
 
 def clear_run(output_dir: Path) -> list[str]:
     """Removes what a run writes into ``output_dir`` (see ``RUN_OUTPUTS``) and nothing else; returns the names
-    removed. Only the main process may call it."""
-    removed = []
+    removed. In ``checkpoints/`` and ``test/overlays/`` only the entries a run names so are removed, and a folder
+    only once that leaves it empty. Only the main process may call it."""
+    removed = _clear_folder(output_dir / CHECKPOINTS, _CHECKPOINT_DIRS, output_dir)
+    removed += _clear_folder(output_dir / TEST_DIR / OVERLAYS, _OVERLAY, output_dir)
     targets = [output_dir / name for name in RUN_OUTPUTS] + [output_dir / TEST_DIR / name for name in TEST_FILES]
     for path in targets:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        else:
+        if not (path.exists() or path.is_symlink()):
             continue
+        _remove(path)
         removed.append(str(path.relative_to(output_dir)))
     test = output_dir / TEST_DIR
-    if test.is_dir() and not any(test.iterdir()):
+    if test.is_dir() and not test.is_symlink() and not any(test.iterdir()):
         test.rmdir()
     return removed

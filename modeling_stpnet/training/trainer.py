@@ -37,7 +37,7 @@ from ..data import MaskDescriber, load_stpnet_dataset
 from ..image_processing_stpnet import STPNetImageProcessor
 from ..text_repository import ScaleAwareTextRepository
 from .augment import TextLabelPolicy
-from .checkpoints import check_output_dir, clear_run, save_best, save_checkpoint
+from .checkpoints import check_output_dir, check_resume_config, clear_run, save_best, save_checkpoint
 from .config import ConfigError, TrainConfig, config_from_dict, load_train_config, resolve_path
 from .data import EpochBatchSampler, SegmentationDataset, carve_validation_split, make_loader, model_inputs
 from .evaluation import evaluate_split, validate
@@ -130,11 +130,8 @@ class Trainer:
         # Before the data and the model are built, so a refused run fails at once; every process looks before the
         # main one clears anything, so they all take the same decision.
         self.checkpoint = check_output_dir(self.output_dir, resume, overwrite)
-        if overwrite:
-            self.accelerator.wait_for_everyone()
-            if self.main and clear_run(self.output_dir):
-                self.accelerator.print(f"overwrite: removed the earlier run's files from {self.output_dir}")
-            self.accelerator.wait_for_everyone()
+        if self.checkpoint is not None:
+            check_resume_config(self.checkpoint, cfg.to_yaml())
         self.started = time.time()
         set_seed(t.seed)
 
@@ -164,6 +161,34 @@ class Trainer:
         self.gradient_groups = gradient_groups(self.model, self.accelerator)
         self.state = LoopState()
         self.accelerator.register_for_checkpointing(self.scheduler, self.state)
+        self.effective_batch_size = self._check_batch_size()
+        if overwrite:
+            self._clear_earlier_run()
+
+    def _clear_earlier_run(self) -> None:
+        """--overwrite: only now, with the repository, data, model and optimizer built, so that a bad preset or
+        dataset leaves the earlier run untouched; nothing of the new run has been written yet. The barriers keep the
+        other processes from writing (checkpoint staging) before the main one has cleared."""
+        self.accelerator.wait_for_everyone()
+        if self.main and clear_run(self.output_dir):
+            self.accelerator.print(f"overwrite: removed the earlier run's files from {self.output_dir}")
+        self.accelerator.wait_for_everyone()
+
+    def _check_batch_size(self) -> int:
+        """Images per optimizer step across processes as the split allows: a batch cannot hold more than a process's
+        share of the split, nor an accumulation group more batches than an epoch has (groups never span epochs)."""
+        t, world = self.cfg.train, self.accelerator.num_processes
+        per_process = -(-len(self.train_set) // world)
+        asked = t.batch_size * world * t.gradient_accumulation_steps
+        effective = min(t.batch_size, per_process) * world * min(t.gradient_accumulation_steps, self.batches_per_epoch)
+        if effective < asked:
+            self.accelerator.print(
+                f"note: train.batch_size={t.batch_size} x {world} process(es) x {t.gradient_accumulation_steps} "
+                f"accumulation step(s) asks for {asked} images per optimizer step, but the {len(self.train_set)} "
+                f"training images allow {effective} ({self.batches_per_epoch} batch(es) of at most "
+                f"{min(t.batch_size, per_process)} per process and epoch); run.json records effective_global_batch_size"
+            )
+        return effective
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
@@ -243,7 +268,7 @@ class Trainer:
             self.model.train()
         stop = last or state.stopped_early
         if stop or (t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0):
-            save_checkpoint(acc, self.output_dir, state.step, t.keep_checkpoints)
+            save_checkpoint(acc, self.output_dir, state.step, t.keep_checkpoints, self.cfg.to_yaml())
             if self.main:
                 plot_history(state.history, self.output_dir / "training_curves.png")
         return stop or epoch_end
@@ -293,6 +318,7 @@ class Trainer:
             "mixed_precision": acc.mixed_precision,
             "gradient_accumulation_steps": t.gradient_accumulation_steps,
             "global_batch_size": t.batch_size * acc.num_processes * t.gradient_accumulation_steps,
+            "effective_global_batch_size": self.effective_batch_size,
             "batches_per_epoch": self.batches_per_epoch,
             "updates_per_epoch": self.updates_per_epoch,
             "total_steps": self.total_steps,
