@@ -10,8 +10,10 @@ Examples::
 
 ``--dry-run DIR`` writes exactly the folder that would be uploaded (checkpoint files + README.md + metrics.json) and
 uploads nothing. DIR is replaced only when it is empty or an earlier dry-run folder (nothing in it but names this
-script writes); any other folder, and any folder that is, holds or lies inside the checkpoint, is refused. Without
-``--metrics`` the script looks for ``test/metrics.json`` and ``evaluation/metrics.json`` next to the checkpoint folder.
+script writes, among them the model card README.md and metrics.json beside config.json that only a dry run writes);
+any other folder (another checkpoint included), and any folder that is, holds or lies inside the checkpoint, is
+refused. Without ``--metrics`` the script looks for ``test/metrics.json`` and ``evaluation/metrics.json`` next to
+the checkpoint folder.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ TEMPLATE = ROOT / "model_card.md"
 REQUIRED = ("config.json", "model.safetensors")
 CARD_FILES = ("README.md", "metrics.json")
 # The files a training checkpoint holds (save_pretrained, the image processor, remote code, training records), so a
-# dry-run folder written from an earlier checkpoint is still recognised when the current one lacks one of them.
+# dry-run folder written from an earlier checkpoint is still recognised when the current one lacks one of them. These
+# names alone never make a folder a dry run (another checkpoint has them too): see check_dry_run_folder.
 CHECKPOINT_FILES = (
     *REQUIRED,
     "preprocessor_config.json",
@@ -195,10 +198,32 @@ def build_folder(model_dir: Path, metrics: dict[str, Any], repo_id: str, folder:
     return folder
 
 
+def is_model_card(path: Path) -> bool:
+    """Whether ``path`` is a README.md this script filled from ``model_card.md``: its front matter has the template's
+    ``stpnet`` tag and ``model-index``. A user's own README (notes, a training checkpoint's) has neither. Matched as
+    lines, not parsed, so a card whose filled-in names happen to be invalid YAML is still recognised."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    head, sep, _ = text.removeprefix("---\n").partition("\n---")
+    if not text.startswith("---\n") or not sep:
+        return False
+    lines = [line.rstrip() for line in head.splitlines()]
+    return "- stpnet" in lines and "model-index:" in lines
+
+
+def _is_metrics_file(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def check_dry_run_folder(folder: Path, model_dir: Path) -> None:
     """Raises ValueError unless replacing ``folder`` with the upload folder of ``model_dir`` loses nothing: it must
-    not be, hold or lie inside the checkpoint, and a non-empty one may hold only names :func:`build_folder` writes
-    (i.e. be an earlier dry run)."""
+    not be, hold or lie inside the checkpoint, and a non-empty one must be an earlier dry run: only names
+    :func:`build_folder` writes, among them the filled model card and metrics.json beside config.json."""
     target, model = folder.resolve(), model_dir.resolve()
     if target == model or target in model.parents or model in target.parents:
         raise ValueError(
@@ -223,6 +248,27 @@ def check_dry_run_folder(folder: Path, model_dir: Path) -> None:
             f"--dry-run {folder} is not empty and is not an earlier dry-run folder (it holds {shown}); nothing was "
             "written. Give a new or empty folder, or one an earlier --dry-run wrote (checkpoint files, README.md, "
             "metrics.json only), which is replaced"
+        )
+    # Checkpoint file names alone prove nothing: another run's best/ holds exactly those and would be overwritten.
+    # Only a dry run writes the filled model card and metrics.json next to the checkpoint files.
+    card, metrics, config = folder / "README.md", folder / "metrics.json", folder / "config.json"
+    held = sorted(p.name for p in folder.iterdir())
+    if held and not (config.is_file() and is_model_card(card) and _is_metrics_file(metrics)):
+        missing = [
+            name
+            for name, ok in (
+                ("config.json", config.is_file()),
+                ("a model card README.md", is_model_card(card)),
+                ("metrics.json", _is_metrics_file(metrics)),
+            )
+            if not ok
+        ]
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        kind = "holds a checkpoint" if config.is_file() else "is not empty"
+        raise ValueError(
+            f"--dry-run {folder} {kind} ({shown}) and is not an earlier dry-run folder: it lacks "
+            f"{' and '.join(missing)}, which a dry run writes; nothing was written. Give a new or empty folder "
+            "(e.g. next to the checkpoint: <run>/hub), or one an earlier --dry-run wrote, which is replaced"
         )
 
 

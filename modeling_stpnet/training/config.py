@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -60,6 +61,7 @@ class DataSection:
     raw layout, Hub id). ``validation_from_train`` > 0 carves that fraction of train (seeded) as the selection split
     instead of ``validation_split``, so the dataset's own validation split stays untouched for reporting.
     ``test_split``: evaluated once with the best model after training (``null`` to skip); never used to select.
+    ``eval_batch_size``: batch size for evaluation; ``null`` uses ``train.batch_size``.
     """
 
     dataset: str = "sample/kvasir-seg-mini"
@@ -150,7 +152,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values that would fail later, with the key that holds them."""
-        t, d, a = self.train, self.data, self.augment
+        t, d, a, x = self.train, self.data, self.augment, self.text
         checks = [
             ("train.optimizer", t.optimizer, t.optimizer.lower() in ("adamw", "adam"), "adamw or adam"),
             ("train.scheduler", t.scheduler, t.scheduler in ("cosine", "cosine_restarts", "constant"),
@@ -162,9 +164,15 @@ class TrainConfig:
              ">= 1"),
             ("train.epochs", t.epochs, t.epochs >= 1, ">= 1"),
             ("train.max_steps", t.max_steps, t.max_steps is None or t.max_steps >= 1, ">= 1 or null"),
-            ("train.lr", t.lr, t.lr > 0, "> 0"),
+            ("train.lr", t.lr, math.isfinite(t.lr) and t.lr > 0, "a finite number > 0"),
             ("train.min_lr", t.min_lr, 0 <= t.min_lr <= t.lr, "in [0, lr]"),
             ("train.betas", t.betas, len(t.betas) == 2, "two numbers"),
+            ("train.betas", t.betas, all(0 <= b < 1 for b in t.betas), "two numbers in [0, 1)"),
+            ("train.weight_decay", t.weight_decay, math.isfinite(t.weight_decay) and t.weight_decay >= 0,
+             "a finite number >= 0"),
+            ("train.max_grad_norm", t.max_grad_norm,
+             t.max_grad_norm is None or (math.isfinite(t.max_grad_norm) and t.max_grad_norm >= 0),
+             "a finite number >= 0 or null"),
             ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
             ("train.restart_epochs", t.restart_epochs, t.restart_epochs > 0, "> 0"),
             ("train.eval_every_steps", t.eval_every_steps, t.eval_every_steps >= 0, ">= 0"),
@@ -175,6 +183,12 @@ class TrainConfig:
              "a positive multiple of 32"),
             ("data.validation_from_train", d.validation_from_train, 0 <= d.validation_from_train < 1, "in [0, 1)"),
             ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+            # 0 would silently fall back to train.batch_size (the trainer reads it with `or`); null is that spelling
+            ("data.eval_batch_size", d.eval_batch_size, d.eval_batch_size is None or d.eval_batch_size >= 1,
+             ">= 1 or null (same as train.batch_size)"),
+            # the encoder averages hidden[-n:]; n = 0 would average every layer, embeddings included
+            ("text.num_hidden_layers", x.num_hidden_layers, x.num_hidden_layers >= 1, ">= 1"),
+            ("augment.rotation_degrees", a.rotation_degrees, 0 <= a.rotation_degrees <= 180, "in [0, 180]"),
             ("augment.text_labels", a.text_labels, a.text_labels in ("auto", "recompute", "ignore", "keep"),
              "auto, recompute, ignore or keep"),
             ("augment.scale_range", a.scale_range, len(a.scale_range) == 2 and 0 < a.scale_range[0] <= a.scale_range[1],
@@ -240,15 +254,23 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be {'an integer' if annotation is int else 'a number'}, got {value!r}")
         return annotation(value)
     if annotation is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return str(value)
+        if isinstance(value, bool):
+            # YAML reads yes/no/on/off/true/false as booleans: `output_dir=no` would become a folder named False
+            raise ConfigError(
+                f"{key} must be a string, got the boolean {value!r} (YAML reads yes/no/on/off/true/false as "
+                f"booleans); quote the text: {key.split('.')[-1]}: 'no' in a YAML file, --set \"{key}='no'\" on a "
+                "command line"
+            )
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}; quote it if it is meant as text")
+        return value
     return value
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'the configuration'} must be a mapping, got {data!r}")
+        where = f"section {prefix.rstrip('.')!r}" if prefix else "the configuration"
+        raise ConfigError(f"{where} must be a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
@@ -261,7 +283,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for name, value in data.items():
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value or {}, f"{prefix}{name}.")
+            # only an empty section (null) means the defaults: `model: 0` or `model: []` is a mistake, not "none"
+            kwargs[name] = _build(annotation, {} if value is None else value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, annotation, f"{prefix}{name}")
     try:
@@ -298,7 +321,44 @@ def _split_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"Overrides look like section.key=value, got {text!r}")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return key.strip(), None
+    try:
+        return key.strip(), yaml.load(raw, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"--set {text!r}: the value {raw!r} is not valid YAML ({_one_line(error)}); quote text values, close "
+            "brackets (e.g. train.betas=[0.9,0.999])"
+        ) from None
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    return " ".join(str(error).split())
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping, which plain YAML loading resolves silently in
+    favour of the last value (a second ``lr:`` further down a section would override the one the reader sees)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may legitimately be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {first.start_mark.line + 1}, again on line "
+                    f"{key_node.start_mark.line + 1}): YAML would silently keep the last value; keep only one",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_config_file(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -308,7 +368,8 @@ def read_config_file(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> d
     if path in _seen:
         raise ConfigError(f"Training config {path} includes itself through 'base'")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        with path.open(encoding="utf-8") as stream:  # a stream, so that error marks name the file
+            data = yaml.load(stream, Loader=UniqueKeyLoader) or {}
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"Cannot read training config {path}: {error}") from error
     if not isinstance(data, dict):
@@ -316,6 +377,11 @@ def read_config_file(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> d
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(
+            f"Training config {path}: 'base' must be the path of another YAML config (relative to this file), got "
+            f"{base!r}"
+        )
     return _merge(read_config_file(path.parent / base, (*_seen, path)), data)
 
 

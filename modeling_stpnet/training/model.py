@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 
 from ..configuration_stpnet import STPNetConfig
 from ..modeling_stpnet import STPNetForSemanticSegmentation
@@ -35,19 +40,67 @@ def text_hidden_size(encoder: str) -> int:
     return int(encoder_config.hidden_size)
 
 
+# Keys PretrainedConfig writes into every saved config.json (a checkpoint's config may serve as a preset), besides
+# its own attributes, which are added below for the installed transformers version.
+_SAVED_CONFIG_KEYS = frozenset(
+    {"model_type", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "id2label", "label2id"}
+)
+
+
+def preset_keys() -> frozenset[str]:
+    """The keys a model preset may hold: STPNetConfig's parameters and the standard saved-config keys."""
+    parameters = inspect.signature(STPNetConfig.__init__).parameters.values()
+    own = {p.name for p in parameters if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}
+    return frozenset(own | _SAVED_CONFIG_KEYS | set(PretrainedConfig().to_dict()))
+
+
+def read_model_preset(name: str) -> STPNetConfig:
+    """The STPNetConfig of ``model.preset`` (a name in ``configuration/models`` or a config JSON path).
+
+    STPNetConfig keeps unknown keys as plain attributes, so a misspelt key (``base_chanels``) or a file that is not
+    a model config at all (a text definition) would silently build the defaults: both are refused here.
+    """
+    path = resolve_path(name, MODEL_PRESETS)
+    known_presets = sorted(p.stem for p in MODEL_PRESETS.glob("*.json"))
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.preset={name!r}: cannot read {path}: {error} (presets: {known_presets})") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"model.preset={name!r}: {path} must hold a JSON object of STPNetConfig fields")
+    model_type = data.get("model_type", STPNetConfig.model_type)
+    if model_type != STPNetConfig.model_type:
+        raise ConfigError(
+            f"model.preset={name!r}: {path} is a {model_type!r} config, not an STPNet one (model_type must be "
+            f"{STPNetConfig.model_type!r}; presets: {known_presets})"
+        )
+    allowed = preset_keys()
+    unknown = sorted(k for k in data if k not in allowed)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        raise ConfigError(
+            f"model.preset={name!r}: {path} has key(s) that are not STPNetConfig fields: {', '.join(hints)}; "
+            f"is it a model config? (presets: {known_presets})"
+        )
+    try:
+        return STPNetConfig(**data)  # what from_json_file does, once the keys are known
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model.preset={name!r}: {path}: {error}") from error
+
+
 def build_model_config(config: TrainConfig, repository: ScaleAwareTextRepository) -> STPNetConfig:
     """Preset, then the repository, the encoder width and the image size, then ``model.overrides``."""
-    preset = resolve_path(config.model.preset, MODEL_PRESETS)
-    try:
-        model_config = STPNetConfig.from_json_file(preset)
-    except (OSError, ValueError) as error:
-        known = sorted(p.stem for p in MODEL_PRESETS.glob("*.json"))
-        raise ConfigError(f"model.preset={config.model.preset!r}: {error} (presets: {known})") from error
+    model_config = read_model_preset(config.model.preset)
     overrides = dict(config.model.overrides)
     known_fields = set(model_config.to_dict())
     unknown = [k for k in overrides if k not in known_fields]
     if unknown:
-        raise ConfigError(f"model.overrides has unknown STPNetConfig field(s) {unknown}")
+        close = difflib.get_close_matches(str(unknown[0]), sorted(known_fields), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"model.overrides has unknown STPNetConfig field(s) {unknown}{hint}")
     values: dict[str, Any] = {
         **repository.config_kwargs(),
         "text_encoder_name_or_path": config.text.encoder,
