@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,10 @@ from modeling_stpnet.predict import CheckpointError, load_checkpoint  # noqa: E4
 from modeling_stpnet.training.evaluation import evaluate_split  # noqa: E402
 
 DEFAULT_DATASET = ROOT / "sample" / "kvasir-seg-mini"
-RESULTS = ("metrics.json", "per_image.csv", "overlays")
+RESULTS = ("metrics.json", "per_image.csv")
+# The panel names training.evaluation.write_overlays gives ("worst_01_<image>_dice0.123.png"): only these are an
+# earlier evaluation's, so only these are replaced; a figure of the user's in overlays/ is neither.
+OVERLAY_NAME = re.compile(r"(?:best|worst)_\d{2,}_.+_dice(?:\d+\.\d{3}|nan)\.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,13 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--output-dir", required=True, type=Path, help="where metrics.json etc. are written")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier evaluation in --output-dir (metrics.json etc.)"
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier evaluation in --output-dir (metrics.json, per_image.csv and its best_*/worst_* "
+        "overlays; other files are kept)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--overlays", type=int, default=4, help="best and worst images drawn (default 4 each)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def earlier_overlays(output_dir: Path) -> list[Path]:
+    """The overlay panels an earlier evaluation wrote into ``output_dir / "overlays"`` (none of the user's files)."""
+    folder = output_dir / "overlays"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and OVERLAY_NAME.fullmatch(p.name))
 
 
 def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
@@ -62,7 +77,13 @@ def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
             if not folder.is_dir():
                 return f"--output-dir {output_dir} cannot be used: {folder} is a file; give a folder"
             break
+    if (output_dir / "overlays").exists() and not (output_dir / "overlays").is_dir():
+        return f"--output-dir {output_dir} cannot be used: {output_dir / 'overlays'} is a file, where overlays go"
+    for name in RESULTS:
+        if (output_dir / name).is_dir():
+            return f"--output-dir {output_dir} cannot be used: {output_dir / name} is a folder, where a file goes"
     earlier = [name for name in RESULTS if (output_dir / name).exists()]
+    earlier += ["overlays/"] if earlier_overlays(output_dir) else []
     if earlier and not overwrite:
         return (
             f"--output-dir {output_dir} already holds an evaluation ({', '.join(earlier)}); pass --overwrite to "
@@ -123,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}", file=sys.stderr)
     shown = args.dataset or str(DEFAULT_DATASET.relative_to(ROOT))
     extra = {"model": str(args.model), "dataset": shown, "split": args.split, **({"notes": notes} if notes else {})}
-    if args.overwrite and (args.output_dir / "overlays").is_dir():
-        for old in (args.output_dir / "overlays").glob("*.png"):  # else a smaller --overlays leaves old panels
+    if args.overwrite:  # else a smaller --overlays leaves old panels; other files in overlays/ are the user's
+        for old in earlier_overlays(args.output_dir):
             old.unlink()
     metrics = evaluate_split(
         model,

@@ -17,6 +17,8 @@ a fixed random tensor) and prints the max abs logit difference and the mask agre
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 import traceback
@@ -164,9 +166,32 @@ def verify(model: nn.Module, path: str | Path, pixel_values: torch.Tensor) -> di
 
 def agrees(report: dict[str, Any], tolerance: float) -> bool:
     """Float32 kernels differ in summation order, so the logit tolerance scales with the logits' magnitude
-    (random-weight checkpoints reach hundreds); retrieved entries must match exactly."""
-    close = report["max_abs_logit_diff"] <= tolerance * max(1.0, report["max_abs_logit"])
+    (random-weight checkpoints reach hundreds); retrieved entries must match exactly. NaN never agrees."""
+    diff, largest = report["max_abs_logit_diff"], report["max_abs_logit"]
+    if not (math.isfinite(diff) and math.isfinite(largest)):
+        return False
+    close = diff <= tolerance * max(1.0, largest)
     return close and report.get("retrieved_indices_equal", True)
+
+
+def checkpoint_file_problem(model: str, output: Path) -> str | None:
+    """Why ``output`` must not be written: it is a file of the checkpoint folder ``model`` (its weights or config),
+    which even --overwrite must not replace; None when it is not. Paths are resolved, so a symlink or a "../"
+    spelling of the folder is caught too. Writing over model.safetensors also corrupts the model being checked:
+    its weights are memory-mapped from that file, so PyTorch then gives NaN logits."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return None  # a Hub id: nothing local to protect
+    folder = folder.resolve()
+    candidates = {output.resolve(), output.parent.resolve() / output.name}  # the link's target, and the link itself
+    for candidate in candidates:
+        if candidate.is_relative_to(folder) and (candidate.exists() or candidate.is_symlink()):
+            return (
+                f"--output {output} is the file {candidate.relative_to(folder)} of the checkpoint folder --model "
+                f"{model}; it is never replaced, even with --overwrite: write the .onnx file elsewhere or under a "
+                "new name"
+            )
+    return None
 
 
 def sample_input(model: nn.Module, image_size: int, image: str | None, batch: int = 1) -> torch.Tensor:
@@ -198,6 +223,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output = Path(args.output)
     if output.is_dir():
         parser.error(f"--output {output} is a folder; give the .onnx file to write")
+    problem = checkpoint_file_problem(args.model, output)
+    if problem:
+        parser.error(problem)
     if output.exists() and not args.overwrite:
         parser.error(f"--output {output} exists; pass --overwrite to replace it, or choose another file")
     if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
@@ -213,23 +241,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # e.g. a file where a folder of the path should be
         parser.error(f"--output {output}: cannot create its folder ({error})")
-    started = time.perf_counter()
-    kind = export(model, output, size, args.dynamic, args.exporter, args.opset)
-    print(f"exported {output} ({output.stat().st_size / 2**20:.1f} MiB) with the {kind} exporter "
-          f"in {time.perf_counter() - started:.1f} s")  # fmt: skip
+    # Written under a temporary name and moved into place only once it agrees with PyTorch: a failed export or
+    # check must neither leave a file that looks valid nor have replaced the one --overwrite was about.
+    partial = output.with_name(f".{output.name}.{os.getpid()}.partial.onnx")
+    try:
+        started = time.perf_counter()
+        kind = export(model, partial, size, args.dynamic, args.exporter, args.opset)
+        print(f"exported ({partial.stat().st_size / 2**20:.1f} MiB) with the {kind} exporter in "
+              f"{time.perf_counter() - started:.1f} s; saved as {output} once onnxruntime agrees")  # fmt: skip
 
-    checks = [sample_input(model, size, args.image)]
-    if args.dynamic:  # another batch and size than the export sample
-        checks.append(sample_input(model, size + 32, args.image, batch=2))
-    reports = [verify(model, output, x) for x in checks]
-    for r in reports:
-        print(
-            f"onnxruntime vs PyTorch on {r['input_shape']}: max abs logit diff {r['max_abs_logit_diff']:.3g} "
-            f"(logits up to {r['max_abs_logit']:.3g}), mask agreement {r['mask_agreement']:.6f}"
-            + (f", retrieved indices equal: {r['retrieved_indices_equal']}" if "retrieved_indices_equal" in r else "")
-        )
-    if not all(agrees(r, args.tolerance) for r in reports):
-        raise SystemExit(f"onnxruntime disagrees with PyTorch (tolerance {args.tolerance} x max(1, max |logit|))")
+        checks = [sample_input(model, size, args.image)]
+        if args.dynamic:  # another batch and size than the export sample
+            checks.append(sample_input(model, size + 32, args.image, batch=2))
+        reports = [verify(model, partial, x) for x in checks]
+        for r in reports:
+            print(
+                f"onnxruntime vs PyTorch on {r['input_shape']}: max abs logit diff {r['max_abs_logit_diff']:.3g} "
+                f"(logits up to {r['max_abs_logit']:.3g}), mask agreement {r['mask_agreement']:.6f}"
+                + (
+                    f", retrieved indices equal: {r['retrieved_indices_equal']}"
+                    if "retrieved_indices_equal" in r
+                    else ""
+                )
+            )
+        failed = [r for r in reports if not agrees(r, args.tolerance)]
+        if failed:
+            nan = any(not math.isfinite(r["max_abs_logit_diff"] + r["max_abs_logit"]) for r in failed)
+            why = (
+                "NaN logits (PyTorch or onnxruntime)"
+                if nan
+                else f"logits differ beyond the tolerance {args.tolerance} x max(1, max |logit|) or the retrieved "
+                "indices differ"
+            )
+            kept = f"; {output} was left as it was" if output.exists() else ""
+            raise SystemExit(
+                f"{parser.prog}: error: onnxruntime disagrees with PyTorch on {failed[0]['input_shape']}: {why}. "
+                f"The export was discarded{kept}. Try another --image-size (the checkpoint's is "
+                f"{model.config.image_size}) or --exporter"
+            )
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
     return {"exporter": kind, "output": str(output), "checks": reports}
 
 

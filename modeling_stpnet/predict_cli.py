@@ -4,7 +4,8 @@
 
 Unreadable inputs are skipped and reported; the exit status is 0 when at least one image was processed, 1 when
 none was, 2 for bad arguments, an unusable output folder or an unusable checkpoint. Results of an earlier run in
-the output folder are never replaced without ``--overwrite``.
+the output folder are never replaced without ``--overwrite``, and files there that no earlier run wrote (say a
+dataset's ground-truth ``masks/``) are never replaced at all: such a folder is refused.
 """
 
 from __future__ import annotations
@@ -76,23 +77,97 @@ def collect_inputs(
     return files, unusable
 
 
+def _csv_rows(path: Path, required: set[str]) -> list[dict[str, str]] | None:
+    """The rows of one of our CSVs; None when ``path`` is not one (another header, unreadable): then it is the
+    user's file, which ``--overwrite`` must not replace."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if not required <= set(reader.fieldnames or ()):
+                return None
+            return list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+
+
+def _written_names(rows: list[dict[str, str]], folder: str) -> set[str]:
+    """File names in ``folder`` (masks or overlays) that an earlier run's predictions.csv says it wrote."""
+    column = folder.removesuffix("s")
+    if rows and column in rows[0]:
+        names = set()
+        for row in rows:
+            entry = Path(row.get(column) or "")
+            # Only a plain "masks/NAME.png": a hand-edited row must not point the deletion anywhere else.
+            if entry.parent == Path(folder) and entry.suffix == ".png":
+                names.add(entry.name)
+        return names
+    # No mask/overlay column: the names follow from the input files, as _Writer derives them.
+    used: set[str] = set()
+    return {f"{_unique_stem(Path(row['file']), used)}.png" for row in rows if row.get("file")}
+
+
+def _previous_results(path: Path) -> tuple[list[Path], list[str], list[str]]:
+    """What ``path`` holds from an earlier run: (our files, which ``--overwrite`` may delete; labels of them for
+    messages; the user's files in the way, as "folder/name", which nothing may delete).
+
+    Masks and overlays count as ours only when the earlier predictions.csv names them: a dataset's ground-truth
+    ``masks/`` looks just like our output and must never be taken for it."""
+    ours: list[Path] = []
+    labels: list[str] = []
+    foreign: list[str] = []
+    rows: list[dict[str, str]] | None = None
+    for name, required in zip(RESULT_FILES, ({"file", "mask", "overlay"}, {"file", "reason"})):
+        if (path / name).is_dir():
+            foreign.append(f"{name}/")
+        elif (path / name).exists():
+            found = _csv_rows(path / name, required)
+            if found is None:
+                foreign.append(name)
+                continue
+            ours.append(path / name)
+            labels.append(name)
+            if name == "predictions.csv":
+                rows = found
+    for folder in RESULT_FOLDERS:
+        if not (path / folder).is_dir():
+            if (path / folder).exists():
+                foreign.append(folder)
+            continue
+        written = _written_names(rows, folder) if rows is not None else set()
+        entries = sorted(p for p in (path / folder).iterdir() if not p.name.startswith("."))
+        mine = [p for p in entries if p.name in written and p.is_file()]
+        foreign += [f"{folder}/{p.name}" for p in entries if p not in mine]
+        if mine:
+            ours += mine
+            labels.append(f"{folder}/")
+    return ours, labels, foreign
+
+
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """Raise :class:`OutputDirError` when ``output_dir`` cannot hold the results, or holds an earlier run's results
-    and ``overwrite`` is off. Changes nothing, so it can run before the model is loaded."""
+    """Raise :class:`OutputDirError` when ``output_dir`` cannot hold the results: it holds files of the user's
+    where results go (always), or an earlier run's results and ``overwrite`` is off. Changes nothing, so it can
+    run before the model is loaded."""
     path = Path(output_dir)
     for folder in (path, *path.parents):
         if folder.exists():
             if not folder.is_dir():
                 raise OutputDirError(f"--output-dir `{path}` cannot be used: `{folder}` is a file; give a folder")
             break
-    if path.is_dir() and not overwrite:
-        earlier = [name for name in RESULT_FILES if (path / name).exists()]
-        earlier += [f"{name}/" for name in RESULT_FOLDERS if (path / name).is_dir() and any((path / name).iterdir())]
-        if earlier:
-            raise OutputDirError(
-                f"--output-dir `{path}` already holds results of an earlier run ({', '.join(earlier)}); pass "
-                "--overwrite to replace them, or choose another folder"
-            )
+    if not path.is_dir():
+        return
+    _, earlier, foreign = _previous_results(path)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputDirError(
+            f"--output-dir `{path}` holds files that no earlier stpnet-predict run there wrote ({shown}), where "
+            "the results would go (they may be ground truth); they are left alone, even with --overwrite: "
+            "choose another --output-dir, e.g. a new folder"
+        )
+    if earlier and not overwrite:
+        raise OutputDirError(
+            f"--output-dir `{path}` already holds results of an earlier run ({', '.join(earlier)}); pass "
+            "--overwrite to replace them, or choose another folder"
+        )
 
 
 def result_paths(output_dir: str | os.PathLike) -> list[Path]:
@@ -101,14 +176,13 @@ def result_paths(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def _clear_previous(output_dir: Path) -> None:
-    """Remove what an earlier run wrote (only our CSVs and the PNGs of masks/ and overlays/), so the new results
-    do not mix with old masks."""
-    for name in RESULT_FILES:
-        (output_dir / name).unlink(missing_ok=True)
-    for name in RESULT_FOLDERS:
-        if (output_dir / name).is_dir():
-            for png in (output_dir / name).glob("*.png"):
-                png.unlink()
+    """Remove what an earlier run wrote (its CSVs and the masks and overlays its predictions.csv names), so the
+    new results do not mix with old ones. Anything else stays: :func:`check_output_dir` refuses such folders."""
+    ours, _, foreign = _previous_results(output_dir)
+    if foreign:  # re-checked here, as run() may be called without check_output_dir
+        raise OutputDirError(f"--output-dir `{output_dir}` holds files no earlier run wrote: {', '.join(foreign[:3])}")
+    for path in ours:
+        path.unlink(missing_ok=True)
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:
@@ -257,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the results of an earlier run in --output-dir (its CSVs and the PNGs of masks/ and overlays/)",
+        help="replace the results of an earlier run in --output-dir (its CSVs and the masks and overlays its "
+        "predictions.csv names; other files there are never deleted, and make the command refuse the folder)",
     )
     parser.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")

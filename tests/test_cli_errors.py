@@ -156,10 +156,11 @@ def test_predict_output_dir_is_checked_and_earlier_results_are_kept(
     data = tmp_path / "data"
     (data / "more").mkdir(parents=True)
     shutil.copy(SAMPLE_IMAGE, data / "more" / "polyp.jpg")
+    shutil.copy(SAMPLE_IMAGE, data / "more" / "gone.jpg")
     out = data / "predictions"
     assert predict(checkpoint, str(data), "--recursive", "--output-dir", str(out)) == 0
-    assert "1 processed, 0 skipped" in capsys.readouterr().out
-    (out / "masks" / "old.png").write_bytes((out / "masks" / "polyp.png").read_bytes())
+    assert "2 processed, 0 skipped" in capsys.readouterr().out
+    (data / "more" / "gone.jpg").unlink()
     before = (out / "predictions.csv").read_text()
 
     assert predict(checkpoint, str(data), "--recursive", "--output-dir", str(out)) == 2
@@ -172,6 +173,14 @@ def test_predict_output_dir_is_checked_and_earlier_results_are_kept(
     assert [Path(r["file"]).name for r in read_csv(out / "predictions.csv")] == ["polyp.jpg"]
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["polyp.png"]  # no mask of an earlier run left
 
+    # A PNG the earlier predictions.csv does not name is not the run's to delete, --overwrite or not.
+    (out / "masks" / "old.png").write_bytes(b"mine")
+    for extra in ([], ["--overwrite"]):
+        assert predict(checkpoint, str(data), "--recursive", "--output-dir", str(out), *extra) == 2
+        err = capsys.readouterr().err
+        assert "no earlier stpnet-predict run there wrote (masks/old.png)" in err and "another --output-dir" in err
+    assert (out / "masks" / "old.png").read_bytes() == b"mine" and (out / "masks" / "polyp.png").exists()
+
     # The output folder may even be the input folder: its images are read, the results of a run are not.
     same = tmp_path / "same"
     same.mkdir()
@@ -180,6 +189,46 @@ def test_predict_output_dir_is_checked_and_earlier_results_are_kept(
         assert predict(checkpoint, str(same), "--output-dir", str(same), *extra) == 0
         assert "1 processed, 0 skipped" in capsys.readouterr().out
     assert (same / "polyp.jpg").read_bytes() == SAMPLE_IMAGE.read_bytes()
+
+
+def test_predict_never_deletes_ground_truth_masks_of_a_dataset_copy(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # `stpnet-predict kv_in --output-dir kv`, kv a copy of a dataset: its masks/ are ground truth, not our results.
+    inputs, dataset = tmp_path / "kv_in", tmp_path / "kv"
+    inputs.mkdir()
+    shutil.copy(SAMPLE_IMAGE, inputs / "polyp.jpg")
+    (dataset / "masks").mkdir(parents=True)
+    truth = {f"case{i}.png": f"truth {i}".encode() for i in range(5)} | {"polyp.png": b"truth of polyp"}
+    for name, data in truth.items():
+        (dataset / "masks" / name).write_bytes(data)
+
+    def masks_untouched() -> bool:
+        return {p.name: p.read_bytes() for p in (dataset / "masks").iterdir()} == truth
+
+    for extra in ([], ["--overwrite"]):
+        assert predict(checkpoint, str(inputs), "--output-dir", str(dataset), *extra) == 2
+        err = capsys.readouterr().err
+        assert "masks/case0.png, masks/case1.png, masks/case2.png and 3 more" in err
+        assert "no earlier stpnet-predict run" in err and "ground truth" in err and "another --output-dir" in err
+        assert masks_untouched() and not (dataset / "predictions.csv").exists()
+
+    # Not even beside an earlier run's predictions.csv that names masks of the same names elsewhere.
+    earlier = tmp_path / "earlier"
+    assert predict(checkpoint, str(inputs), "--output-dir", str(earlier)) == 0
+    shutil.copy(earlier / "predictions.csv", dataset / "predictions.csv")
+    assert predict(checkpoint, str(inputs), "--output-dir", str(dataset), "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "masks/case0.png" in err and "masks/polyp.png" not in err  # the CSV names polyp.png: that one is ours
+    assert (dataset / "predictions.csv").exists() and masks_untouched()
+
+    # A predictions.csv of the user's (not our columns) is not ours to replace either.
+    (earlier / "predictions.csv").write_text("patient,score\n1,0.5\n")
+    assert predict(checkpoint, str(inputs), "--output-dir", str(earlier), "--overwrite") == 2
+    # Without our predictions.csv nothing tells the earlier masks from the user's: all stay.
+    assert "(predictions.csv, masks/polyp.png, overlays/polyp.png)" in capsys.readouterr().err
+    assert (earlier / "masks" / "polyp.png").exists()
+    assert (earlier / "predictions.csv").read_text() == "patient,score\n1,0.5\n"
 
 
 def test_predict_empty_folder_and_bad_max_pixels(
@@ -231,7 +280,10 @@ def test_evaluate_refuses_bad_arguments_checkpoints_and_output_dirs(
     wider = edited_copy(checkpoint, tmp_path / "wider", base_channels=16)
     assert evaluate(["--model", str(wider), "--output-dir", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: The weights of") and "of another shape" in err and "Traceback" not in err
+    # transformers may draw its "Loading weights" bar first: the message is the first line that is not the bar.
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line and not line.startswith("Loading weights")]
+    assert lines[0].startswith("error: The weights of")
+    assert "of another shape" in err and "Traceback" not in err
     truncated = tmp_path / "truncated"
     shutil.copytree(checkpoint, truncated)
     (truncated / "model.safetensors").write_bytes(b"\x00" * 100)
@@ -252,14 +304,37 @@ def test_evaluate_notes_a_missing_text_column_and_overwrites_on_request(
     out = tmp_path / "evaluation"
     (out / "overlays").mkdir(parents=True)
     (out / "metrics.json").write_text("{}")
-    (out / "overlays" / "worst_09.png").write_bytes(b"old")
+    (out / "overlays" / "worst_09_old-image_dice0.125.png").write_bytes(b"old")
+    (out / "overlays" / "my_figure.png").write_bytes(b"the user's")
     args = ["--model", str(checkpoint), "--output-dir", str(out), "--no-progress", "--overlays", "1", "--device", "cpu"]
     assert module.main([*args, "--overwrite"]) == 0
     err = capsys.readouterr().err
     assert "no label column 'size'" in err and "retrieval accuracy is left out" in err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 2 and "no label column 'size'" in metrics["notes"][0]
-    assert sorted(p.name for p in (out / "overlays").iterdir())[-1].startswith("worst_01")  # old panel gone
+    panels = sorted(p.name for p in (out / "overlays").iterdir())
+    assert panels[0].startswith("best_01_") and panels[-1].startswith("worst_01_")  # the old panel is gone
+    assert len(panels) == 3 and (out / "overlays" / "my_figure.png").read_bytes() == b"the user's"
+    # The panels just written are what the next run recognises as an earlier evaluation's.
+    assert module.output_dir_problem(out, False) == (
+        f"--output-dir {out} already holds an evaluation (metrics.json, per_image.csv, overlays/); pass "
+        "--overwrite to replace it, or choose another folder"
+    )
+
+
+def test_evaluate_takes_only_its_own_overlays_for_an_earlier_evaluation(tmp_path: Path) -> None:
+    problem, panels = script("evaluate").output_dir_problem, script("evaluate").earlier_overlays
+    figures = tmp_path / "evalout" / "overlays"
+    figures.mkdir(parents=True)
+    for name in ("my_figure.png", "best.png", "worst_1_x_dice0.5.png", "best_01_x_dice0.500.png.bak"):
+        (figures / name).write_bytes(b"the user's")
+    assert problem(tmp_path / "evalout", False) is None and panels(tmp_path / "evalout") == []
+    ours = ["best_01_cju16jgnyzp970878melv7r25_dice0.913.png", "worst_02_case_7_dicenan.png"]
+    for name in ours:
+        (figures / name).write_bytes(b"panel")
+    assert [p.name for p in panels(tmp_path / "evalout")] == ours
+    assert "already holds an evaluation (overlays/)" in problem(tmp_path / "evalout", False)
+    assert problem(tmp_path / "evalout", True) is None
 
 
 # ---------------------------------------------------------------------------------------------- export_onnx.py
@@ -279,3 +354,57 @@ def test_export_refuses_an_existing_output_and_bad_checkpoints(
         export(["--model", str(edited), "--output", str(tmp_path / "new.onnx")])
     assert raised.value.code == 2 and "do not fit its `config.json`" in capsys.readouterr().err
     assert not (tmp_path / "new.onnx").exists()
+
+
+def test_export_never_writes_over_the_checkpoint(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    export = script("export_onnx").main
+    folder = shutil.copytree(checkpoint, tmp_path / "exp")
+    weights = (folder / "model.safetensors").read_bytes()
+    (tmp_path / "linked-exp").symlink_to(folder)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "model.onnx").symlink_to(folder / "model.safetensors")
+    for output in (
+        folder / "model.safetensors",
+        tmp_path / "linked-exp" / "config.json",
+        tmp_path / "elsewhere" / "model.onnx",
+        tmp_path / "elsewhere" / ".." / "exp" / "model.safetensors",
+    ):
+        for model in (folder, tmp_path / "linked-exp"):
+            with pytest.raises(SystemExit) as raised:
+                export(["--model", str(model), "--output", str(output), "--overwrite"])
+            err = capsys.readouterr().err
+            assert raised.value.code == 2 and "of the checkpoint folder --model" in err, err
+            assert "even with --overwrite" in err
+    assert (folder / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in checkpoint.iterdir())
+
+
+def test_export_that_fails_its_check_leaves_no_file(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = script("export_onnx")
+
+    def fake_export(model: object, output: Path, *args: object) -> str:  # the real one takes ~20 s
+        Path(output).write_bytes(b"onnx that disagrees")
+        return "dynamo"
+
+    nan = float("nan")
+    report = {"input_shape": [1, 3, 32, 32], "max_abs_logit_diff": nan, "max_abs_logit": nan, "mask_agreement": 0.02}
+    monkeypatch.setattr(module, "export", fake_export)
+    monkeypatch.setattr(module, "verify", lambda *args: dict(report, masks_equal=False))
+    kept = tmp_path / "model.onnx"
+    kept.write_bytes(b"the working export")
+    for output, extra, left in (
+        (kept, ["--overwrite"], f"; {kept} was left as it was."),
+        (tmp_path / "new.onnx", [], "."),
+    ):
+        with pytest.raises(SystemExit) as raised:
+            module.main(["--model", str(checkpoint), "--output", str(output), "--image-size", "32", *extra])
+        message = str(raised.value.code)  # a message, so the exit status is 1
+        assert "onnxruntime disagrees with PyTorch on [1, 3, 32, 32]: NaN logits" in message
+        assert f"The export was discarded{left} Try another --image-size" in message
+    assert kept.read_bytes() == b"the working export" and not (tmp_path / "new.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no partial file either
+    assert module.agrees(dict(report, max_abs_logit_diff=0.0, max_abs_logit=nan), 1e-4) is False
