@@ -108,6 +108,11 @@ def describe_model(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
+# Arguments that record what a model holds rather than how it is built (the digest of the sentences its stored
+# text embeddings came from is set when they are stored, after the config is built).
+NOT_SETTINGS = {"self", "text_embeddings_fingerprint"}
+
+
 def model_settings(config: Any) -> dict[str, Any]:
     """The settings a model config class defines itself (the named arguments of its `__init__`), JSON-normalised.
 
@@ -118,7 +123,7 @@ def model_settings(config: Any) -> dict[str, Any]:
     names = [
         p.name
         for p in inspect.signature(type(config).__init__).parameters.values()
-        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        if p.name not in NOT_SETTINGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     ]
     values = config.to_dict()
     return json.loads(json.dumps({"model_type": config.model_type, **{name: values.get(name) for name in names}}))

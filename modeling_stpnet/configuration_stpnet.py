@@ -80,6 +80,9 @@ class STPNetConfig(PretrainedConfig):
         teacher_forcing_prob (`float`, defaults to 0.0): probability, per training batch, that the segmentation
             branch receives the true description instead of the retrieved one.
         initializer_range (`float`): std of the normal init of linear layers.
+        text_embeddings_fingerprint (`str`, *optional*): digest of the categories and sentences the stored text
+            embeddings were encoded from (set by `STPNetModel.set_text_embeddings`), so loading can tell when
+            `text_sentences` was edited without re-encoding; `None` in checkpoints saved before it existed.
     """
 
     model_type = "stpnet"
@@ -116,6 +119,7 @@ class STPNetConfig(PretrainedConfig):
         focal_gamma: float = 2.0,
         teacher_forcing_prob: float = 0.0,
         initializer_range: float = 0.02,
+        text_embeddings_fingerprint: str | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("id2label", {0: "background", 1: "lesion"})
@@ -152,6 +156,7 @@ class STPNetConfig(PretrainedConfig):
         self.focal_gamma = focal_gamma
         self.teacher_forcing_prob = teacher_forcing_prob
         self.initializer_range = initializer_range
+        self.text_embeddings_fingerprint = text_embeddings_fingerprint
         self.validate()
 
     @property

@@ -20,6 +20,7 @@ from .blocks import SSA, ConvToOneChannel, DoubleConv, DownBlock, FusionBlock, T
 from .configuration_stpnet import STPNetConfig
 from .losses import IGNORE_INDEX, bce_loss, dice_loss, focal_loss
 from .retrieval_stpnet import TextRetrievalNetwork
+from .text_repository import repository_fingerprint
 from .transformer_stpnet import UTrans
 
 
@@ -164,6 +165,9 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
         for k, emb in enumerate(embeddings):
             buffer = getattr(self, f"text_embeddings_{k}")
             buffer.copy_(emb.to(buffer))
+        self.config.text_embeddings_fingerprint = repository_fingerprint(
+            self.config.text_categories, self.config.text_sentences
+        )
         if encoder_name is not None:
             self.config.text_encoder_name_or_path = encoder_name
 

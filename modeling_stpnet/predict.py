@@ -159,7 +159,8 @@ def _load_model(name: str, model_types: tuple[str, ...]) -> torch.nn.Module:
         raise CheckpointError(
             f"`{name}` is a {model_type!r} model; accepted here: {', '.join(repr(t) for t in model_types)}"
         )
-    problems = _loading_problems(info) + (_recipe_mismatches(folder, model.config) if local else [])
+    problems = _loading_problems(info) + _sentence_mismatch(model.config)
+    problems += _recipe_mismatches(folder, model.config) if local else []
     if problems:
         raise CheckpointError(
             f"The weights of `{name}` do not fit its `config.json`:\n- " + "\n- ".join(problems) + "\nThe config "
@@ -204,6 +205,23 @@ def _loading_problems(info: dict[str, Any]) -> list[str]:
         problems.append(f"{len(mismatched)} weight(s) of another shape: {_first(shapes)}")
     problems += [str(message) for message in info.get("error_msgs") or ()]
     return problems
+
+
+def _sentence_mismatch(config: Any) -> list[str]:
+    """The stored text embeddings were encoded from other sentences than ``config.json`` lists (an edited
+    ``text_sentences``/``text_categories``): no shape shows it while the counts agree, but every retrieved
+    description would be wrong. Checkpoints saved before the fingerprint existed have none and are not checked."""
+    from .text_repository import repository_fingerprint
+
+    stored = getattr(config, "text_embeddings_fingerprint", None)
+    if not stored or not getattr(config, "use_text", True):
+        return []
+    if repository_fingerprint(config.text_categories, config.text_sentences) == stored:
+        return []
+    return [
+        "`text_categories`/`text_sentences` in config.json are not the ones the stored text embeddings were encoded "
+        f"from (fingerprint {stored}); re-encode them (training does) instead of editing the sentences"
+    ]
 
 
 def _recipe_mismatches(folder: Path, config: Any) -> list[str]:

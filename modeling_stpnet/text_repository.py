@@ -17,6 +17,7 @@ relative siblings.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -191,6 +192,13 @@ class ScaleAwareTextRepository:
             states = states * batch["attention_mask"].unsqueeze(-1)
             out.append(states.float().cpu())
         return out
+
+
+def repository_fingerprint(categories: list[str], sentences: list[list[str]]) -> str:
+    """Short digest of a repository's categories and sentences, exactly as written (order matters: it is the
+    entry index the retrieval heads learned)."""
+    payload = json.dumps([list(categories), [list(s) for s in sentences]], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
 def validate_repository(categories: list[str], sentences: list[list[str]]) -> None:

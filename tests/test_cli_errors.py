@@ -101,6 +101,17 @@ def test_config_change_without_a_weight_to_show_it_is_found_through_the_recipe(
         load_checkpoint(folder)
 
 
+def test_edited_sentences_are_found_by_the_embeddings_fingerprint(checkpoint: Path, tmp_path: Path) -> None:
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["text_embeddings_fingerprint"]  # set_text_embeddings records it
+    swapped = [list(reversed(config["text_sentences"][0])), *config["text_sentences"][1:]]  # same counts
+    folder = edited_copy(checkpoint, tmp_path / "sentences", text_sentences=swapped)
+    with pytest.raises(CheckpointError, match="not the ones the stored text embeddings were encoded from"):
+        load_checkpoint(folder)
+    # a checkpoint saved before the fingerprint existed cannot be checked and still loads
+    load_checkpoint(edited_copy(checkpoint, tmp_path / "old", text_embeddings_fingerprint=None))
+
+
 def test_damaged_weights_are_named_without_the_missing_checkpoint_help(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
