@@ -31,6 +31,7 @@ else:
     sys.path.insert(0, str(ROOT))
 
 from modeling_stpnet.data import DataError, load_stpnet_dataset  # noqa: E402
+from modeling_stpnet.data.io import blocking_file  # noqa: E402
 from modeling_stpnet.predict import CheckpointError, load_checkpoint  # noqa: E402
 from modeling_stpnet.training.evaluation import evaluate_split  # noqa: E402
 
@@ -72,11 +73,9 @@ def earlier_overlays(output_dir: Path) -> list[Path]:
 
 def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
     """Why ``output_dir`` cannot take the results, checked before the evaluation runs; None when it can."""
-    for folder in (output_dir, *output_dir.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                return f"--output-dir {output_dir} cannot be used: {folder} is a file; give a folder"
-            break
+    blocking = blocking_file(output_dir)
+    if blocking is not None:
+        return f"--output-dir {output_dir} cannot be used: {blocking} is a file; give a folder"
     if (output_dir / "overlays").exists() and not (output_dir / "overlays").is_dir():
         return f"--output-dir {output_dir} cannot be used: {output_dir / 'overlays'} is a file, where overlays go"
     for name in RESULTS:

@@ -183,11 +183,15 @@ def _is_buffer(name: str) -> bool:
     return leaf.startswith("text_embeddings_") or leaf in ("running_mean", "running_var", "num_batches_tracked")
 
 
-def build_folder(model_dir: Path, metrics: dict[str, Any], repo_id: str, folder: Path) -> Path:
-    """Copy the checkpoint files and write README.md (the filled template) and metrics.json into ``folder``."""
+def require_checkpoint(model_dir: Path) -> None:
     missing = [name for name in REQUIRED if not (model_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{model_dir} is not a checkpoint folder: missing {missing}")
+
+
+def build_folder(model_dir: Path, metrics: dict[str, Any], repo_id: str, folder: Path) -> Path:
+    """Copy the checkpoint files and write README.md (the filled template) and metrics.json into ``folder``."""
+    require_checkpoint(model_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for path in sorted(model_dir.iterdir()):
         if path.is_file():
@@ -243,40 +247,39 @@ def check_dry_run_folder(folder: Path, model_dir: Path) -> None:
         if p.is_dir() or p.is_symlink() or p.name not in ours
     )
     if unexpected:
-        shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         raise ValueError(
-            f"--dry-run {folder} is not empty and is not an earlier dry-run folder (it holds {shown}); nothing was "
-            "written. Give a new or empty folder, or one an earlier --dry-run wrote (checkpoint files, README.md, "
-            "metrics.json only), which is replaced"
+            f"--dry-run {folder} is not empty and is not an earlier dry-run folder (it holds {_few(unexpected)}); "
+            "nothing was written. Give a new or empty folder, or one an earlier --dry-run wrote (checkpoint files, "
+            "README.md, metrics.json only), which is replaced"
         )
     # Checkpoint file names alone prove nothing: another run's best/ holds exactly those and would be overwritten.
     # Only a dry run writes the filled model card and metrics.json next to the checkpoint files.
-    card, metrics, config = folder / "README.md", folder / "metrics.json", folder / "config.json"
     held = sorted(p.name for p in folder.iterdir())
-    if held and not (config.is_file() and is_model_card(card) and _is_metrics_file(metrics)):
-        missing = [
-            name
-            for name, ok in (
-                ("config.json", config.is_file()),
-                ("a model card README.md", is_model_card(card)),
-                ("metrics.json", _is_metrics_file(metrics)),
-            )
-            if not ok
-        ]
-        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
-        kind = "holds a checkpoint" if config.is_file() else "is not empty"
+    if not held:
+        return
+    has_config = (folder / "config.json").is_file()
+    markers = {
+        "config.json": has_config,
+        "a model card README.md": is_model_card(folder / "README.md"),
+        "metrics.json": _is_metrics_file(folder / "metrics.json"),
+    }
+    missing = [name for name, ok in markers.items() if not ok]
+    if missing:
+        kind = "holds a checkpoint" if has_config else "is not empty"
         raise ValueError(
-            f"--dry-run {folder} {kind} ({shown}) and is not an earlier dry-run folder: it lacks "
+            f"--dry-run {folder} {kind} ({_few(held)}) and is not an earlier dry-run folder: it lacks "
             f"{' and '.join(missing)}, which a dry run writes; nothing was written. Give a new or empty folder "
             "(e.g. next to the checkpoint: <run>/hub), or one an earlier --dry-run wrote, which is replaced"
         )
 
 
+def _few(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def replace_dry_run_folder(model_dir: Path, metrics: dict[str, Any], repo_id: str, folder: Path) -> Path:
     """Checks ``folder`` (:func:`check_dry_run_folder`), empties it and writes the upload folder into it."""
-    missing = [name for name in REQUIRED if not (model_dir / name).is_file()]
-    if missing:  # before anything in the old dry run is removed
-        raise FileNotFoundError(f"{model_dir} is not a checkpoint folder: missing {missing}")
+    require_checkpoint(model_dir)  # before anything in the old dry run is removed
     check_dry_run_folder(folder, model_dir)
     if folder.is_dir():
         for path in folder.iterdir():  # only plain files, each a name build_folder writes (checked above)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .cpu_memory import keep_freed_memory
-from .data.io import ACCEPTED_IMAGES, DataError
+from .data.io import ACCEPTED_IMAGES, DataError, blocking_file
 from .predict import (
     CHECKPOINT_ENV,
     DEFAULT_CHECKPOINT,
@@ -143,19 +143,17 @@ def _previous_results(path: Path) -> tuple[list[Path], list[str], list[str]]:
     return ours, labels, foreign
 
 
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> list[Path]:
     """Raise :class:`OutputDirError` when ``output_dir`` cannot hold the results: it holds files of the user's
-    where results go (always), or an earlier run's results and ``overwrite`` is off. Changes nothing, so it can
-    run before the model is loaded."""
+    where results go (always), or an earlier run's results and ``overwrite`` is off. Returns the earlier run's
+    files, which ``overwrite`` replaces. Changes nothing, so it can run before the model is loaded."""
     path = Path(output_dir)
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise OutputDirError(f"--output-dir `{path}` cannot be used: `{folder}` is a file; give a folder")
-            break
+    blocking = blocking_file(path)
+    if blocking is not None:
+        raise OutputDirError(f"--output-dir `{path}` cannot be used: `{blocking}` is a file; give a folder")
     if not path.is_dir():
-        return
-    _, earlier, foreign = _previous_results(path)
+        return []
+    ours, earlier, foreign = _previous_results(path)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise OutputDirError(
@@ -168,21 +166,12 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> 
             f"--output-dir `{path}` already holds results of an earlier run ({', '.join(earlier)}); pass "
             "--overwrite to replace them, or choose another folder"
         )
+    return ours
 
 
 def result_paths(output_dir: str | os.PathLike) -> list[Path]:
     """What :func:`run` writes into ``output_dir`` (files and folders)."""
     return [Path(output_dir) / name for name in (*RESULT_FILES, *RESULT_FOLDERS)]
-
-
-def _clear_previous(output_dir: Path) -> None:
-    """Remove what an earlier run wrote (its CSVs and the masks and overlays its predictions.csv names), so the
-    new results do not mix with old ones. Anything else stays: :func:`check_output_dir` refuses such folders."""
-    ours, _, foreign = _previous_results(output_dir)
-    if foreign:  # re-checked here, as run() may be called without check_output_dir
-        raise OutputDirError(f"--output-dir `{output_dir}` holds files no earlier run wrote: {', '.join(foreign[:3])}")
-    for path in ours:
-        path.unlink(missing_ok=True)
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:
@@ -255,10 +244,12 @@ def run(
     from tqdm.auto import tqdm
 
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite)
+    earlier = check_output_dir(output_dir, overwrite)
     files, skipped = collect_inputs(inputs, recursive, exclude=result_paths(output_dir))
-    if overwrite:
-        _clear_previous(output_dir)
+    # Only the earlier run's CSVs and the masks and overlays its predictions.csv names, so results do not mix;
+    # anything else in the folder made check_output_dir refuse it.
+    for path in earlier:
+        path.unlink(missing_ok=True)
     categories = list(predictor.config.text_categories) if getattr(predictor.config, "use_text", True) else []
     writer = _Writer(output_dir, categories)
     processed = 0

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..text_repository import ScaleAwareTextRepository
 from .convert import SPLIT_ORDER, convert_layout
-from .io import DataError
+from .io import DataError, blocking_file
 from .layouts import detect_layout
 
 _SPLIT_ALIASES = {
@@ -279,13 +279,11 @@ def check_save_targets(
 
 
 def _target_problem(path: Path, kind: str, overwrite: bool) -> str | None:
-    for folder in (path, *path.parents):
-        if folder.is_symlink() and folder == path:
-            return f"{path}: is a symbolic link; give the folder it points to, or a new folder"
-        if folder.exists():
-            if not folder.is_dir():
-                return f"{path}: cannot be created as a folder: {folder} is a file"
-            break
+    if path.is_symlink():
+        return f"{path}: is a symbolic link; give the folder it points to, or a new folder"
+    blocking = blocking_file(path)
+    if blocking is not None:
+        return f"{path}: cannot be created as a folder: {blocking} is a file"
     entries = sorted(path.iterdir()) if path.is_dir() else []
     if not entries:
         return None

@@ -144,6 +144,16 @@ def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
+def blocking_file(path: Path) -> Path | None:
+    """The file (or dangling link) that sits where ``path`` or a folder above it should be, so that nothing could be
+    written there; None when ``path`` is or can become a folder. Output checks call it before long work, which would
+    otherwise end in a bare FileExistsError or NotADirectoryError at the first write."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
 def find_by_stem(folder: Path, stem: str, prefixes: tuple[str, ...] = ("",)) -> Path | None:
     """The image file in ``folder`` named ``<prefix><stem>.<any image extension>``, or None."""
     for prefix in prefixes:

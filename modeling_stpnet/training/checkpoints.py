@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from accelerate import Accelerator
 
+from ..data.io import blocking_file
 from ..image_processing_stpnet import STPNetImageProcessor
 from .config import ConfigError
 
@@ -190,15 +191,12 @@ def run_results(output_dir: Path) -> list[str]:
 def check_is_folder(output_dir: Path) -> None:
     """A file where the run folder (or one above it) should be would only fail at the first write, after the data
     and the model are loaded."""
-    for path in (output_dir, *output_dir.parents):
-        if path.exists() or path.is_symlink():
-            if not path.is_dir():
-                where = "" if path == output_dir else f" (a folder above output_dir {output_dir})"
-                raise ConfigError(
-                    f"output_dir: {path}{where} is a file, not a folder; pass --output-dir a new folder or one that "
-                    "holds a run"
-                )
-            return
+    path = blocking_file(output_dir)
+    if path is not None:
+        where = "" if path == output_dir else f" (a folder above output_dir {output_dir})"
+        raise ConfigError(
+            f"output_dir: {path}{where} is a file, not a folder; pass --output-dir a new folder or one that holds a run"
+        )
 
 
 def check_output_dir(output_dir: Path, resume: bool | str | os.PathLike | None, overwrite: bool) -> Path | None:
