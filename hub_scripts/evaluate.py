@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,13 +32,9 @@ else:
 from modeling_stpnet.data import DataError, load_stpnet_dataset  # noqa: E402
 from modeling_stpnet.data.io import blocking_file  # noqa: E402
 from modeling_stpnet.predict import CheckpointError, load_checkpoint  # noqa: E402
-from modeling_stpnet.training.evaluation import evaluate_split  # noqa: E402
+from modeling_stpnet.training.evaluation import EVALUATION_FILES, OVERLAY_FILE, evaluate_split  # noqa: E402
 
 DEFAULT_DATASET = ROOT / "sample" / "kvasir-seg-mini"
-RESULTS = ("metrics.json", "per_image.csv")
-# The panel names training.evaluation.write_overlays gives ("worst_01_<image>_dice0.123.png"): only these are an
-# earlier evaluation's, so only these are replaced; a figure of the user's in overlays/ is neither.
-OVERLAY_NAME = re.compile(r"(?:best|worst)_\d{2,}_.+_dice(?:\d+\.\d{3}|nan)\.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +63,7 @@ def earlier_overlays(output_dir: Path) -> list[Path]:
     folder = output_dir / "overlays"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and OVERLAY_NAME.fullmatch(p.name))
+    return sorted(p for p in folder.iterdir() if p.is_file() and OVERLAY_FILE.fullmatch(p.name))
 
 
 def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
@@ -78,10 +73,10 @@ def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
         return f"--output-dir {output_dir} cannot be used: {blocking} is a file; give a folder"
     if (output_dir / "overlays").exists() and not (output_dir / "overlays").is_dir():
         return f"--output-dir {output_dir} cannot be used: {output_dir / 'overlays'} is a file, where overlays go"
-    for name in RESULTS:
+    for name in EVALUATION_FILES:
         if (output_dir / name).is_dir():
             return f"--output-dir {output_dir} cannot be used: {output_dir / name} is a folder, where a file goes"
-    earlier = [name for name in RESULTS if (output_dir / name).exists()]
+    earlier = [name for name in EVALUATION_FILES if (output_dir / name).exists()]
     earlier += ["overlays/"] if earlier_overlays(output_dir) else []
     if earlier and not overwrite:
         return (

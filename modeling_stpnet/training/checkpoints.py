@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from ..data.io import blocking_file
 from ..image_processing_stpnet import STPNetImageProcessor
 from .config import ConfigError
+from .evaluation import EVALUATION_FILES, OVERLAY_FILE, OVERLAY_FOLDER
 
 CHECKPOINTS = "checkpoints"
 # Everything a run writes into its output folder, removed whole by --overwrite; checkpoints/ and test/overlays/ only
@@ -31,10 +32,7 @@ RUN_OUTPUTS = (
     "training_curves.png",
     "tensorboard",
 )
-TEST_DIR, TEST_FILES, OVERLAYS = "test", ("metrics.json", "per_image.csv"), "overlays"
-# The names evaluation.write_overlays gives its panels ({best,worst}_NN_<image name>_dice0.123.png): a user's own
-# PNGs beside them in test/overlays are not ours to delete.
-_OVERLAY = re.compile(r"(?:best|worst)_\d{2,}_.*_dice(?:\d+\.\d{3}|nan)\.png")
+TEST_DIR = "test"  # the test split's evaluation (evaluation.EVALUATION_FILES and its overlays)
 # What makes a folder hold results worth keeping; a run killed before its first evaluation leaves only its log and
 # config, which a fresh run may take over.
 RESULTS = ("best", CHECKPOINTS, "history.json", "history.csv", "run.json", f"{TEST_DIR}/metrics.json")
@@ -261,8 +259,8 @@ def clear_run(output_dir: Path) -> list[str]:
     removed. In ``checkpoints/`` and ``test/overlays/`` only the entries a run names so are removed, and a folder
     only once that leaves it empty. Only the main process may call it."""
     removed = _clear_folder(output_dir / CHECKPOINTS, _CHECKPOINT_DIRS, output_dir)
-    removed += _clear_folder(output_dir / TEST_DIR / OVERLAYS, _OVERLAY, output_dir)
-    targets = [output_dir / name for name in RUN_OUTPUTS] + [output_dir / TEST_DIR / name for name in TEST_FILES]
+    removed += _clear_folder(output_dir / TEST_DIR / OVERLAY_FOLDER, OVERLAY_FILE, output_dir)
+    targets = [output_dir / name for name in RUN_OUTPUTS] + [output_dir / TEST_DIR / n for n in EVALUATION_FILES]
     for path in targets:
         if not (path.exists() or path.is_symlink()):
             continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,13 @@ from ..metrics import (
     segmentation_scores,
 )
 from .data import EpochBatchSampler, SegmentationDataset, make_loader, model_inputs
+
+# What evaluate_split writes into its output folder, so that tools replacing an earlier evaluation (train.py and
+# evaluate.py with --overwrite) remove exactly these: the two files, and in OVERLAY_FOLDER the panels named as
+# write_overlays names them ({best,worst}_NN_<image name>_dice0.123.png), never a user's own PNGs beside them.
+EVALUATION_FILES = ("metrics.json", "per_image.csv")
+OVERLAY_FOLDER = "overlays"
+OVERLAY_FILE = re.compile(r"(?:best|worst)_\d{2,}_.+_dice(?:\d+\.\d{3}|nan)\.png")
 
 
 @torch.no_grad()
