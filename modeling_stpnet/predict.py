@@ -46,7 +46,8 @@ MAX_DECODE_PIXELS = 100_000_000
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 PROCESSOR_FILE = "preprocessor_config.json"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# safetensors only: a pickled pytorch_model.bin can run code when it is loaded, and this package never writes one
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 # Config fields that change what the network computes but no weight's name or shape, so weights load under an
 # edited value without any report; they are compared with the training recipe instead.
 SHAPELESS_FIELDS = ("num_attention_heads", "ssa_dilations")
@@ -141,7 +142,11 @@ def _load_model(name: str, model_types: tuple[str, ...]) -> torch.nn.Module:
     try:
         with _quiet_load_report():  # our own message below names the keys; transformers' table would repeat them
             model, info = AutoModel.from_pretrained(
-                name, trust_remote_code=True, output_loading_info=True, ignore_mismatched_sizes=True
+                name,
+                trust_remote_code=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                use_safetensors=True,
             )
     except Exception as error:  # transformers and safetensors raise OSError, ValueError, SafetensorError...
         if local:  # the files are there, so help on finding a checkpoint would only mislead
