@@ -30,6 +30,11 @@ from typing import Any
 import yaml
 from safetensors import safe_open
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from modeling_stpnet.messages import first_few  # noqa: E402
+from modeling_stpnet.predict import is_hub_id  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "model_card.md"
 REQUIRED = ("config.json", "model.safetensors")
@@ -111,8 +116,10 @@ def card_values(model_dir: Path, metrics: dict[str, Any], repo_id: str) -> dict[
     retrieval = (metrics.get("retrieval_accuracy") or {}).get("mean")
     data, optim = train.get("data", {}), train.get("train", {})
     length = f"{optim['max_steps']} steps" if optim.get("max_steps") else f"{optim.get('epochs', '?')} epochs"
+    init_from = (train.get("model") or {}).get("init_from")
     training = (
-        f"{optim.get('optimizer', '?')} lr {optim.get('lr', '?')} ({optim.get('scheduler', '?')} schedule), batch "
+        (f"fine-tuned from `{init_from}`; " if init_from else "")
+        + f"{optim.get('optimizer', '?')} lr {optim.get('lr', '?')} ({optim.get('scheduler', '?')} schedule), batch "
         f"{optim.get('batch_size', '?')}, {length}, seed {optim.get('seed', '?')}, augmentation "
         f"{'on' if train.get('augment', {}).get('enabled') else 'off'}; full config in `train_config.yaml`."
         if train
@@ -121,6 +128,8 @@ def card_values(model_dir: Path, metrics: dict[str, Any], repo_id: str) -> dict[
     return {
         "model_name": repo_id.split("/")[-1],
         "repo_id": repo_id,
+        # Hub metadata for the fine-tuning lineage; a local folder is no model id the Hub could link to
+        "base_model": f"base_model: {init_from}\n" if init_from and is_hub_id(str(init_from)) else "",
         "dataset_id": repository,
         "dataset_name": known["name"],
         "split": split,
@@ -248,7 +257,8 @@ def check_dry_run_folder(folder: Path, model_dir: Path) -> None:
     )
     if unexpected:
         raise ValueError(
-            f"--dry-run {folder} is not empty and is not an earlier dry-run folder (it holds {_few(unexpected)}); "
+            f"--dry-run {folder} is not empty and is not an earlier dry-run folder (it holds "
+            f"{first_few(unexpected, 5)}); "
             "nothing was written. Give a new or empty folder, or one an earlier --dry-run wrote (checkpoint files, "
             "README.md, metrics.json only), which is replaced"
         )
@@ -267,14 +277,10 @@ def check_dry_run_folder(folder: Path, model_dir: Path) -> None:
     if missing:
         kind = "holds a checkpoint" if has_config else "is not empty"
         raise ValueError(
-            f"--dry-run {folder} {kind} ({_few(held)}) and is not an earlier dry-run folder: it lacks "
+            f"--dry-run {folder} {kind} ({first_few(held, 5)}) and is not an earlier dry-run folder: it lacks "
             f"{' and '.join(missing)}, which a dry run writes; nothing was written. Give a new or empty folder "
             "(e.g. next to the checkpoint: <run>/hub), or one an earlier --dry-run wrote, which is replaced"
         )
-
-
-def _few(names: list[str], limit: int = 5) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def replace_dry_run_folder(model_dir: Path, metrics: dict[str, Any], repo_id: str, folder: Path) -> Path:

@@ -8,6 +8,8 @@ Examples::
         --output-dir outputs/kvasir --set train.lr=1e-3 --set model.overrides.retrieval_backbone=shared
     python hub_scripts/train.py --config configuration/train/kvasir-seg.yaml --output-dir outputs/kvasir --resume
     python hub_scripts/train.py --config configuration/train/sample-tiny.yaml --output-dir outputs/a --overwrite
+    python hub_scripts/train.py --config configuration/train/kvasir-seg.yaml --init-from org/stpnet-kvasir \
+        --dataset my-polyps --output-dir outputs/my-polyps   # fine-tune a trained checkpoint
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 hub_scripts/train.py --config ...
 
 ``--set section.key=value`` (repeatable) overrides any key of the YAML file; values are parsed as YAML. The selected
@@ -40,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default=None, help="run folder (overrides output_dir)")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides train.max_steps)")
     parser.add_argument(
+        "--init-from",
+        default=None,
+        help="fine-tune this trained checkpoint (folder or Hub id; overrides model.init_from): its architecture and "
+        "weights start the run",
+    )
+    parser.add_argument(
         "--resume",
         nargs="?",
         const="latest",
@@ -67,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Flag values are taken verbatim (a folder named "no" stays a string); --set values are parsed as YAML.
-    flags = {"data.dataset": args.dataset, "output_dir": args.output_dir, "train.max_steps": args.max_steps}
+    flags = {
+        "data.dataset": args.dataset,
+        "output_dir": args.output_dir,
+        "train.max_steps": args.max_steps,
+        "model.init_from": args.init_from,
+    }
     try:
         data = apply_overrides(read_config_file(args.config), args.overrides)
         config = config_from_dict(apply_overrides(data, {k: v for k, v in flags.items() if v is not None}))

@@ -35,6 +35,7 @@ from PIL import Image
 
 from .data.io import DataError, load_image, mask_to_image
 from .image_processing_stpnet import MIN_SIDE, STPNetImageProcessor
+from .messages import first_few
 from .visualize import overlay_mask
 
 DEFAULT_CHECKPOINT = "outputs/sample-tiny/best"
@@ -191,23 +192,18 @@ def _quiet_load_report() -> Iterator[None]:
         logger.removeFilter(drop_report)
 
 
-def _first(keys: Sequence[str], limit: int = 3) -> str:
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def _loading_problems(info: dict[str, Any]) -> list[str]:
     """Readable lines for every weight transformers could not load as saved."""
     problems = []
     missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
     if missing:
-        problems.append(f"{len(missing)} weight(s) missing from the file (they would be random): {_first(missing)}")
+        problems.append(f"{len(missing)} weight(s) missing from the file (they would be random): {first_few(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} weight(s) in the file that the model does not use: {_first(unexpected)}")
+        problems.append(f"{len(unexpected)} weight(s) in the file that the model does not use: {first_few(unexpected)}")
     mismatched = sorted(info.get("mismatched_keys") or ())
     if mismatched:
         shapes = [f"{key} (file {tuple(saved)}, model {tuple(wanted)})" for key, saved, wanted in mismatched]
-        problems.append(f"{len(mismatched)} weight(s) of another shape: {_first(shapes)}")
+        problems.append(f"{len(mismatched)} weight(s) of another shape: {first_few(shapes)}")
     problems += [str(message) for message in info.get("error_msgs") or ()]
     return problems
 

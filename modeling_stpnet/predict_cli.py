@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .cpu_memory import keep_freed_memory
 from .data.io import ACCEPTED_IMAGES, DataError, blocking_file
+from .messages import first_few
 from .predict import (
     CHECKPOINT_ENV,
     DEFAULT_CHECKPOINT,
@@ -155,7 +156,7 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> 
         return []
     ours, earlier, foreign = _previous_results(path)
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        shown = first_few(foreign)
         raise OutputDirError(
             f"--output-dir `{path}` holds files that no earlier stpnet-predict run there wrote ({shown}), where "
             "the results would go (they may be ground truth); they are left alone, even with --overwrite: "

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from runs import make_tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +35,9 @@ def randomise_batchnorm() -> Callable[[torch.nn.Module], None]:
     """Gives BatchNorm layers non-trivial running statistics and affine parameters (in place, under no_grad by the
     caller), so eval paths that fold BatchNorm into convolutions are really exercised."""
     return _randomise_batchnorm
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """8 train / 4 validation / 4 test pairs of the bundled Kvasir-SEG sample, saved to disk (``runs.py``)."""
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "kvasir-tiny")

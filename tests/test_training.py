@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runs import ROOT, SAMPLE_CONFIG, tiny_overrides
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from modeling_stpnet import STPNetForSemanticSegmentation
-from modeling_stpnet.data import MaskDescriber, load_stpnet_dataset
+from modeling_stpnet.data import MaskDescriber
 from modeling_stpnet.losses import IGNORE_INDEX, dice_loss
 from modeling_stpnet.training import ConfigError, load_train_config, run_training
 from modeling_stpnet.training.augment import TextLabelPolicy, augment_pair, sample_generator
@@ -30,8 +31,6 @@ from modeling_stpnet.training.data import EpochBatchSampler
 from modeling_stpnet.training.model import load_repository
 from modeling_stpnet.training.schedule import lr_factor
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_CONFIG = ROOT / "configuration" / "train" / "sample-tiny.yaml"
 TRAIN_SCRIPT = ROOT / "hub_scripts" / "train.py"
 ENV = {
     **os.environ,
@@ -40,37 +39,6 @@ ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory) -> Path:
-    """8 train / 4 validation / 4 test pairs of the bundled Kvasir-SEG sample, saved to disk."""
-    repository = load_repository(load_train_config(SAMPLE_CONFIG))
-    sample = load_stpnet_dataset(ROOT / "sample" / "kvasir-seg-mini", repository, progress=False)
-    for split, n in (("train", 8), ("validation", 4), ("test", 4)):
-        sample[split] = sample[split].select(range(n))
-    folder = tmp_path_factory.mktemp("data") / "kvasir-tiny"
-    sample.save_to_disk(str(folder))
-    return folder
-
-
-def tiny_overrides(dataset: Path, output: Path, **extra) -> list[str]:
-    """A ~1 M parameter STPNet at 64 px: fast enough for several runs per test on 2 busy cores."""
-    settings = {
-        "data.dataset": str(dataset),
-        "output_dir": str(output),
-        "data.image_size": 64,
-        "data.test_split": "null",
-        "model.overrides": "{base_channels: 8, retrieval_backbone: shared}",
-        "train.batch_size": 2,
-        "train.epochs": 2,
-        "train.warmup_steps": 2,
-        "train.checkpoint_every_steps": 0,
-        "train.progress": "false",
-        "train.tensorboard": "false",
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in settings.items()]
 
 
 def run_cli(

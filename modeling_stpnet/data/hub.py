@@ -123,16 +123,20 @@ def _check_parquet_rows(path: Path, files: dict[str, list[str]]) -> None:
             raise DataError(f"split {split!r} of {path} has no rows; {_EMPTY_HINT}")
 
 
-def _check_saved_splits(path: Path) -> None:
-    """``load_from_disk`` fails with a bare IndexError on a split saved without rows: name the split instead."""
+def _saved_splits(path: Path) -> list[str]:
+    """The splits a ``save_to_disk`` folder's ``dataset_dict.json`` lists; :class:`DataError` when unreadable."""
     try:
-        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        return [str(split) for split in json.loads((path / "dataset_dict.json").read_text())["splits"]]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DataError(
             f'{path / "dataset_dict.json"}: unreadable ({error!r}); expected {{"splits": [...]}} as written by '
             "DatasetDict.save_to_disk"
         ) from error
-    for split in splits:
+
+
+def _check_saved_splits(path: Path) -> None:
+    """``load_from_disk`` fails with a bare IndexError on a split saved without rows: name the split instead."""
+    for split in _saved_splits(path):
         state = path / str(split) / "state.json"
         try:
             files = json.loads(state.read_text()).get("_data_files")
@@ -314,8 +318,8 @@ def _foreign_entries(path: Path, kind: str) -> list[str]:
         ours = {f"{split}.parquet" for split in (*SPLIT_ORDER, *_SPLIT_ALIASES)}
         return [e.name for e in sorted(path.iterdir()) if not (e.name in ours and _plain_file(e))]
     try:
-        splits = [str(s) for s in json.loads((path / "dataset_dict.json").read_text())["splits"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        splits = _saved_splits(path)
+    except DataError:
         return ["no readable dataset_dict.json"]
     foreign = []
     for entry in sorted(path.iterdir()):

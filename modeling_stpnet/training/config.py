@@ -36,10 +36,14 @@ class ModelSection:
 
     ``preset``: a name in ``configuration/models`` (``stpnet-tiny``) or a path to a config JSON. ``overrides``:
     ``STPNetConfig`` fields set after the preset (``{retrieval_backbone: shared, base_channels: 8}``).
+    ``init_from``: a trained checkpoint (folder or Hub id) to fine-tune: its own config is the architecture
+    (``preset`` is then not used) and its weights start the run; ``overrides``, ``text`` and ``data.image_size`` still
+    apply (see ``training.model.initialise_from`` for what is re-initialised when they change).
     """
 
     preset: str = "stpnet-tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
 
 
 @dataclass
@@ -152,8 +156,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values that would fail later, with the key that holds them."""
-        t, d, a, x = self.train, self.data, self.augment, self.text
+        t, d, a, x, m = self.train, self.data, self.augment, self.text, self.model
         checks = [
+            ("model.init_from", m.init_from, m.init_from is None or bool(m.init_from.strip()),
+             "a checkpoint folder or Hub id, or null"),
             ("train.optimizer", t.optimizer, t.optimizer.lower() in ("adamw", "adam"), "adamw or adam"),
             ("train.scheduler", t.scheduler, t.scheduler in ("cosine", "cosine_restarts", "constant"),
              "cosine, cosine_restarts or constant"),

@@ -1,17 +1,23 @@
-"""Build the STPNet model a training config describes: preset + text repository + encoder + overrides."""
+"""Build the STPNet model a training config describes: preset (or the checkpoint of ``model.init_from``) + text
+repository + encoder + overrides."""
 
 from __future__ import annotations
 
 import difflib
 import inspect
 import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 from transformers import PretrainedConfig
 
 from ..configuration_stpnet import STPNetConfig
+from ..image_processing_stpnet import STPNetImageProcessor
+from ..messages import first_few
 from ..modeling_stpnet import STPNetForSemanticSegmentation
 from ..text_repository import ScaleAwareTextRepository, resolve_text_encoder
 from .config import MODEL_PRESETS, TEXT_DEFINITIONS, ConfigError, TrainConfig, resolve_path
@@ -91,9 +97,15 @@ def read_model_preset(name: str) -> STPNetConfig:
         raise ConfigError(f"model.preset={name!r}: {path}: {error}") from error
 
 
-def build_model_config(config: TrainConfig, repository: ScaleAwareTextRepository) -> STPNetConfig:
-    """Preset, then the repository, the encoder width and the image size, then ``model.overrides``."""
-    model_config = read_model_preset(config.model.preset)
+def build_model_config(
+    config: TrainConfig, repository: ScaleAwareTextRepository, initial: InitialWeights | None = None
+) -> STPNetConfig:
+    """Preset (or the ``init_from`` checkpoint's config), then the repository, the encoder width and the image size,
+    then ``model.overrides``."""
+    if initial is not None:
+        model_config = STPNetConfig.from_dict(initial.config.to_dict())
+    else:
+        model_config = read_model_preset(config.model.preset)
     overrides = dict(config.model.overrides)
     known_fields = set(model_config.to_dict())
     unknown = [k for k in overrides if k not in known_fields]
@@ -115,14 +127,23 @@ def build_model_config(config: TrainConfig, repository: ScaleAwareTextRepository
     try:
         model_config.validate()
     except ValueError as error:
-        raise ConfigError(f"model config (preset {config.model.preset!r} + overrides): {error}") from error
+        source = f"model.init_from {initial.name!r}" if initial else f"preset {config.model.preset!r}"
+        raise ConfigError(f"model config ({source} + overrides): {error}") from error
     return model_config
 
 
-def build_stpnet_model(config: TrainConfig, repository: ScaleAwareTextRepository) -> STPNetForSemanticSegmentation:
-    """The default ``model_factory``: a fresh STPNet with the encoded repository stored in its buffers."""
-    model_config = build_model_config(config, repository)
+def build_stpnet_model(
+    config: TrainConfig, repository: ScaleAwareTextRepository, initial: InitialWeights | None = None
+) -> STPNetForSemanticSegmentation:
+    """The default ``model_factory``: a fresh STPNet with the encoded repository stored in its buffers, started from
+    the weights of ``model.init_from`` when it is set (``initial``, loaded here when not given; what was carried over
+    is appended to ``initial.notes``)."""
+    if initial is None and config.model.init_from:
+        initial = load_initial_weights(config)
+    model_config = build_model_config(config, repository, initial)
     model = STPNetForSemanticSegmentation(model_config)
+    if initial is not None:
+        initial.notes.extend(initialise_from(model, initial))
     if model.use_text:
         embeddings = repository.encode(
             config.text.encoder,
@@ -130,9 +151,120 @@ def build_stpnet_model(config: TrainConfig, repository: ScaleAwareTextRepository
             num_hidden_layers=config.text.num_hidden_layers,
         )
         model.set_text_embeddings(embeddings, config.text.encoder)
-    if model_config.retrieval_backbone_pretrained:
+    if model_config.retrieval_backbone_pretrained and initial is None:
         load_pretrained_retrieval_backbone(model, model_config.retrieval_backbone_pretrained)
     return model
+
+
+# ---------------------------------------------------------------------------- fine-tuning (model.init_from)
+@dataclass
+class InitialWeights:
+    """The trained checkpoint named by ``model.init_from``: its config, weights and image-processor settings."""
+
+    name: str
+    config: STPNetConfig
+    state_dict: dict[str, torch.Tensor]
+    processor: Any
+    notes: list[str] = field(default_factory=list)
+
+
+def load_initial_weights(config: TrainConfig) -> InitialWeights | None:
+    """The checkpoint of ``model.init_from`` (None when unset), loaded and checked by the one checkpoint loader."""
+    name = config.model.init_from
+    if not name:
+        return None
+    from ..predict import CheckpointError, load_checkpoint
+
+    try:
+        model, processor, _ = load_checkpoint(name)
+    except CheckpointError as error:
+        raise ConfigError(f"model.init_from={name!r}: {error}") from error
+    saved_encoder = getattr(model.config, "text_encoder_name_or_path", None)
+    if model.config.use_text and saved_encoder != config.text.encoder:
+        # Every text-conditioned weight was trained on the saved encoder's embedding space.
+        raise ConfigError(
+            f"model.init_from={name!r} encoded its text repository with {saved_encoder!r}, but text.encoder is "
+            f"{config.text.encoder!r}; set text.encoder={saved_encoder} to fine-tune it"
+        )
+    notes = []
+    if config.model.preset != TrainConfig().model.preset:
+        notes.append(f"model.preset {config.model.preset!r} is not used: model.init_from {name!r} is the architecture")
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    return InitialWeights(name, STPNetConfig.from_dict(model.config.to_dict()), state, processor, notes)
+
+
+def training_processor(config: TrainConfig, initial: InitialWeights | None = None) -> STPNetImageProcessor:
+    """The processor of a run at ``data.image_size``; a fine-tuned checkpoint keeps its own normalisation."""
+    size = {"height": config.data.image_size, "width": config.data.image_size}
+    if initial is None:
+        return STPNetImageProcessor(size=size)
+    settings = ("do_resize", "do_normalize", "image_mean", "image_std", "mask_threshold")
+    return STPNetImageProcessor(size=size, **{key: getattr(initial.processor, key) for key in settings})
+
+
+# Weights whose rows index a category's sentences; they are re-initialised when the category's sentences change.
+_SENTENCE_ROWS = re.compile(r"retrieval\.classifiers\.(\d+)\.")
+_POSITIONS = re.compile(r"utrans\.position_embeddings\.\d+$")
+
+
+def initialise_from(model: STPNetForSemanticSegmentation, initial: InitialWeights) -> list[str]:
+    """Copy ``initial``'s weights into ``model`` (built from its config plus the run's changes); returns notes.
+
+    Carried over unchanged: every weight of the same name and shape. Adapted: the transformer's position embeddings,
+    interpolated (bilinear) to another ``data.image_size``. Left as freshly initialised: each category's sentence
+    classifier whose sentences differ from the checkpoint's (its rows meant other sentences) and the text-repository
+    buffers (the run encodes its own repository). Anything else that does not fit, e.g. ``use_ssa`` or
+    ``base_channels`` changed by ``model.overrides``, raises :class:`ConfigError` naming the weights.
+    """
+    own = model.state_dict()
+    source = initial.state_dict
+    before, now = initial.config.text_sentences, model.config.text_sentences
+    changed = {k for k in range(len(now)) if k >= len(before) or list(before[k]) != list(now[k])}
+
+    def fresh(key: str) -> bool:
+        match = _SENTENCE_ROWS.match(key)
+        return key.startswith("text_embeddings_") or (match is not None and int(match.group(1)) in changed)
+
+    loaded: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    missing = [k for k in own if k not in source and not fresh(k)]
+    unexpected = [k for k in source if k not in own and not _SENTENCE_ROWS.match(k) and not fresh(k)]
+    resized, reshaped = [], []
+    for key, value in own.items():
+        if key not in source or fresh(key):
+            continue
+        saved = source[key]
+        if saved.shape == value.shape:
+            loaded[key] = saved
+        elif _POSITIONS.match(key) and saved.dim() == 4:
+            loaded[key] = F.interpolate(saved, size=value.shape[-2:], mode="bilinear", align_corners=False)
+            resized.append(key)
+        else:
+            reshaped.append(f"{key} {tuple(saved.shape)} in the checkpoint, {tuple(value.shape)} now")
+    if reshaped:
+        problems.append(f"{len(reshaped)} weight(s) of another shape: {first_few(reshaped)}")
+    if missing:
+        problems.append(f"{len(missing)} weight(s) not in the checkpoint: {first_few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} weight(s) in the checkpoint but not in the model: {first_few(unexpected)}")
+    if problems:
+        raise ConfigError(
+            f"model.init_from={initial.name!r}: the checkpoint's weights do not fit the model the config builds "
+            "(model.overrides or text changed the architecture):\n- " + "\n- ".join(problems) + "\nFine-tune with "
+            "the checkpoint's architecture (drop those overrides), or train from a preset without model.init_from"
+        )
+    model.load_state_dict(loaded, strict=False)
+    encoded = sum(key.startswith("text_embeddings_") for key in own)
+    notes = [
+        f"model.init_from {initial.name!r}: {len(loaded)} of {len(own)} weight tensors loaded"
+        + (f" ({encoded} hold the text repository, which this run encodes itself)" if encoded else "")
+    ]
+    if resized:
+        notes.append(f"position embeddings interpolated to data.image_size={model.config.image_size}")
+    if changed and model.use_text:
+        names = [model.config.text_categories[k] for k in sorted(changed)]
+        notes.append(f"sentence classifiers re-initialised for the categories with other sentences: {names}")
+    return notes
 
 
 def load_pretrained_retrieval_backbone(model: STPNetForSemanticSegmentation, name_or_path: str) -> None:

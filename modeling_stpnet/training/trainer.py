@@ -34,7 +34,6 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..data import MaskDescriber, load_stpnet_dataset
-from ..image_processing_stpnet import STPNetImageProcessor
 from ..text_repository import ScaleAwareTextRepository
 from .augment import TextLabelPolicy
 from .checkpoints import check_output_dir, check_resume_config, clear_run, save_best, save_checkpoint
@@ -43,7 +42,7 @@ from .data import EpochBatchSampler, SegmentationDataset, carve_validation_split
 from .evaluation import evaluate_split, validate
 from .gradients import clip_gradients, gradient_groups
 from .logs import append_log, plot_history, scalar_items, write_history
-from .model import accepts_text_labels, build_stpnet_model, load_repository
+from .model import accepts_text_labels, build_stpnet_model, load_initial_weights, load_repository, training_processor
 from .schedule import build_optimizer, build_scheduler
 
 ModelFactory = Callable[[TrainConfig, ScaleAwareTextRepository], torch.nn.Module]
@@ -136,9 +135,17 @@ class Trainer:
         set_seed(t.seed)
 
         repository = load_repository(cfg)
+        if cfg.model.init_from and model_factory is not None:
+            raise ConfigError("model.init_from fine-tunes an STPNet checkpoint; it cannot start another model_factory")
+        initial = load_initial_weights(cfg)
         splits = _load_splits(cfg, repository, self.main)
-        self.processor = STPNetImageProcessor(size={"height": cfg.data.image_size, "width": cfg.data.image_size})
-        model = (model_factory or build_stpnet_model)(cfg, repository)
+        self.processor = training_processor(cfg, initial)
+        if model_factory is None:
+            model = build_stpnet_model(cfg, repository, initial)
+            for note in initial.notes if initial else ():
+                self.accelerator.print(note)
+        else:
+            model = model_factory(cfg, repository)
         self.model_class = type(model)
         self.with_text = accepts_text_labels(model)
         optimizer = build_optimizer(model, t)
