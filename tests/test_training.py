@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,11 +43,12 @@ ENV = {
 
 
 def run_cli(
-    args: list[str], launcher: list[str] | None = None, env: dict[str, str] | None = None
+    args: list[str], launcher: list[str] | None = None, env: dict[str, str] | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
     command = (launcher or [sys.executable]) + [str(TRAIN_SCRIPT), "--config", str(SAMPLE_CONFIG), *args]
     result = subprocess.run(command, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -133,7 +135,19 @@ def test_two_process_cpu_ddp_really_has_two_ranks(tiny_dataset: Path, tmp_path: 
     assert run["world_size"] == 2 and run["ranks"] == [0, 1]
     assert run["distributed_type"].endswith("MULTI_CPU")
     assert run["global_batch_size"] == 4 and run["steps"] == 2
-    assert (tmp_path / "ddp" / "best" / "model.safetensors").is_file()
+    best = tmp_path / "ddp" / "best" / "model.safetensors"
+    weights = best.read_bytes()
+
+    # Every rank refuses the finished run the same way, and nothing of it is touched...
+    ddp = {"launcher": launcher, "env": {"ACCELERATE_USE_CPU": "true"}}
+    refused = run_cli(as_cli(overrides), **ddp, check=False)
+    assert refused.returncode != 0 and "already holds the results of a run" in refused.stderr
+    assert best.read_bytes() == weights
+    # ...and --overwrite replaces it with a run fine-tuned from a copy of it, on both ranks.
+    shutil.copytree(tmp_path / "ddp" / "best", tmp_path / "start")
+    run_cli([*as_cli(overrides), "--overwrite", "--init-from", str(tmp_path / "start")], **ddp)
+    assert json.loads((tmp_path / "ddp" / "run.json").read_text())["ranks"] == [0, 1]
+    assert best.read_bytes() != weights
 
 
 # ---------------------------------------------------------------------------- models other than the default
