@@ -13,8 +13,8 @@ import yaml
 from runs import ROOT, SAMPLE_CONFIG, tiny_overrides
 from safetensors.torch import load_file
 from test_hub import load_push_module
-from torch.nn import functional as F
 
+from modeling_stpnet import STPNetForSemanticSegmentation
 from modeling_stpnet.training import ConfigError, load_train_config, run_training
 from modeling_stpnet.training.model import build_stpnet_model, load_initial_weights, load_repository
 from modeling_stpnet.unet import UNetConfig, UNetForSemanticSegmentation
@@ -75,16 +75,28 @@ def test_another_repository_and_size_adapt_only_what_they_change(checkpoint: Pat
     state = model.state_dict()
     fresh = {key for key in state if key.startswith(("retrieval.classifiers.", "text_embeddings_"))}
     positions = {key for key in state if key.startswith("utrans.position_embeddings.")}
-    for key in positions:
-        expected = F.interpolate(saved[key], size=(6, 6), mode="bilinear", align_corners=False)
-        assert state[key].shape[-2:] == (6, 6) and torch.allclose(state[key], expected)
+    assert all(state[key].shape[-2:] == (6, 6) for key in positions)
     assert all(torch.equal(state[key], saved[key]) for key in state.keys() - fresh - positions)
     # QaTa-COV19's four categories hold other sentences (and counts), so every sentence classifier starts afresh
     classifiers = [key for key in fresh if key.endswith("2.weight")]
     assert len(classifiers) == 4
     assert all(state[k].shape != saved[k].shape or not torch.equal(state[k], saved[k]) for k in classifiers)
-    assert any("interpolated" in note for note in notes)
+    assert any("resampled" in note for note in notes)
     assert any("re-initialised" in note and "laterality" in note for note in notes)
+
+
+def test_another_size_starts_as_the_checkpoint_computes_at_that_size(checkpoint: Path, tiny_dataset: Path) -> None:
+    config = finetune_config(tiny_dataset, tiny_dataset.parent / "unused", checkpoint, **{"data.image_size": 96})
+    model, notes = build(config)
+    original = STPNetForSemanticSegmentation.from_pretrained(checkpoint).eval()
+    pixels = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tuned, expected = model.eval()(pixels), original(pixels)
+    assert model.config.image_size == 96 and original.config.image_size == 64
+    assert torch.allclose(tuned.logits, expected.logits, atol=1e-4)
+    for a, b in zip(tuned.retrieval_logits, expected.retrieval_logits):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert any("resampled to data.image_size=96" in note for note in notes)
 
 
 @pytest.mark.parametrize(

@@ -211,10 +211,11 @@ def initialise_from(model: STPNetForSemanticSegmentation, initial: InitialWeight
     """Copy ``initial``'s weights into ``model`` (built from its config plus the run's changes); returns notes.
 
     Carried over unchanged: every weight of the same name and shape. Adapted: the transformer's position embeddings,
-    interpolated (bilinear) to another ``data.image_size``. Left as freshly initialised: each category's sentence
-    classifier whose sentences differ from the checkpoint's (its rows meant other sentences) and the text-repository
-    buffers (the run encodes its own repository). Anything else that does not fit, e.g. ``use_ssa`` or
-    ``base_channels`` changed by ``model.overrides``, raises :class:`ConfigError` naming the weights.
+    resampled to another ``data.image_size`` (bicubic, as the model resamples them for inputs of another size, so
+    the new model starts out computing what the checkpoint computes at that size). Left as freshly initialised: each
+    category's sentence classifier whose sentences differ from the checkpoint's (its rows meant other sentences) and
+    the text-repository buffers (the run encodes its own repository). Anything else that does not fit, e.g.
+    ``use_ssa`` or ``base_channels`` changed by ``model.overrides``, raises :class:`ConfigError` naming the weights.
     """
     own = model.state_dict()
     source = initial.state_dict
@@ -237,7 +238,8 @@ def initialise_from(model: STPNetForSemanticSegmentation, initial: InitialWeight
         if saved.shape == value.shape:
             loaded[key] = saved
         elif _POSITIONS.match(key) and saved.dim() == 4:
-            loaded[key] = F.interpolate(saved, size=value.shape[-2:], mode="bilinear", align_corners=False)
+            # as the model resamples them for inputs of another size, so it computes what the checkpoint would
+            loaded[key] = F.interpolate(saved, size=value.shape[-2:], mode="bicubic", align_corners=False)
             resized.append(key)
         else:
             reshaped.append(f"{key} {tuple(saved.shape)} in the checkpoint, {tuple(value.shape)} now")
@@ -260,7 +262,7 @@ def initialise_from(model: STPNetForSemanticSegmentation, initial: InitialWeight
         + (f" ({encoded} hold the text repository, which this run encodes itself)" if encoded else "")
     ]
     if resized:
-        notes.append(f"position embeddings interpolated to data.image_size={model.config.image_size}")
+        notes.append(f"position embeddings resampled to data.image_size={model.config.image_size}")
     if changed and model.use_text:
         names = [model.config.text_categories[k] for k in sorted(changed)]
         notes.append(f"sentence classifiers re-initialised for the categories with other sentences: {names}")
