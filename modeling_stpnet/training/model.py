@@ -20,7 +20,7 @@ from ..image_processing_stpnet import STPNetImageProcessor
 from ..messages import first_few
 from ..modeling_stpnet import STPNetForSemanticSegmentation
 from ..text_repository import ScaleAwareTextRepository, resolve_text_encoder
-from .config import MODEL_PRESETS, TEXT_DEFINITIONS, ConfigError, TrainConfig, resolve_path
+from .config import MODEL_PRESETS, TEXT_DEFINITIONS, ConfigError, ModelSection, TrainConfig, resolve_path
 
 
 def load_repository(config: TrainConfig) -> ScaleAwareTextRepository:
@@ -187,7 +187,7 @@ def load_initial_weights(config: TrainConfig) -> InitialWeights | None:
             f"{config.text.encoder!r}; set text.encoder={saved_encoder} to fine-tune it"
         )
     notes = []
-    if config.model.preset != TrainConfig().model.preset:
+    if config.model.preset != ModelSection().preset:
         notes.append(f"model.preset {config.model.preset!r} is not used: model.init_from {name!r} is the architecture")
     state = {key: value.detach().clone() for key, value in model.state_dict().items()}
     return InitialWeights(name, STPNetConfig.from_dict(model.config.to_dict()), state, processor, notes)
