@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an earlier evaluation in --output-dir (metrics.json, per_image.csv and its best_*/worst_* "
         "overlays; other files are kept)",
     )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="model input size in px, a multiple of 32 (default: the checkpoint's own); the model runs at any such "
+        "size, so this scores a model trained at one size at another",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--overlays", type=int, default=4, help="best and worst images drawn (default 4 each)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -101,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.overlays < 0:
         parser.error(f"--overlays must be 0 or more, got {args.overlays}")
+    if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
+        parser.error(f"--image-size must be a positive multiple of 32, got {args.image_size}")
     import torch
 
     if not (args.model / "config.json").is_file():
@@ -118,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     model = model.eval().to(torch.float32)
+    if args.image_size is not None:
+        processor.size = {"height": args.image_size, "width": args.image_size}
     dataset_path = args.dataset or str(DEFAULT_DATASET)
     try:
         dataset = load_stpnet_dataset(dataset_path, progress=not args.no_progress)
@@ -137,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     shown = args.dataset or str(DEFAULT_DATASET.relative_to(ROOT))
-    extra = {"model": str(args.model), "dataset": shown, "split": args.split, **({"notes": notes} if notes else {})}
+    extra = {
+        "model": str(args.model),
+        "dataset": shown,
+        "split": args.split,
+        **({"notes": notes} if notes else {}),
+    }
     if args.overwrite:  # else a smaller --overlays leaves old panels; other files in overlays/ are the user's
         for old in earlier_overlays(args.output_dir):
             old.unlink()

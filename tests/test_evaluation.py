@@ -117,6 +117,7 @@ def test_evaluate_script_on_the_bundled_sample(tmp_path: Path) -> None:
 
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["num_images"] == 8 and metrics["resolution"] == "original"
+    assert (metrics["input_resolution"]["height"], metrics["input_resolution"]["width"]) == (64, 64)
     for scores in (metrics, metrics["input_resolution"]):
         assert 0 <= scores["dice"] <= 1 and 0 <= scores["iou"] <= scores["dice"] + 1e-9
     assert set(metrics["retrieval_accuracy"]) == {"count", "size", "horizontal", "vertical", "mean"}
@@ -139,3 +140,20 @@ def test_evaluate_script_on_the_bundled_sample(tmp_path: Path) -> None:
         timeout=120,
     )
     assert missing.returncode == 2 and "not a checkpoint folder" in missing.stderr
+
+
+def test_evaluate_script_scores_at_another_input_size(tmp_path: Path, capsys) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "hub_scripts" / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    config = load_train_config(SAMPLE_CONFIG, ["data.image_size=64", "model.overrides={base_channels: 8}"])
+    build_stpnet_model(config, load_repository(config)).save_pretrained(tmp_path / "model")
+    STPNetImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "model")
+    args = ["--model", str(tmp_path / "model"), "--no-progress", "--overlays", "0"]
+    assert cli.main([*args, "--output-dir", str(tmp_path / "eval"), "--image-size", "96"]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["input_resolution"]["height"] == 96
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--output-dir", str(tmp_path / "bad"), "--image-size", "100"])
+    assert "--image-size must be a positive multiple of 32, got 100" in capsys.readouterr().err
