@@ -235,7 +235,8 @@ def _recipe_mismatches(folder: Path, config: Any) -> list[str]:
         import yaml  # a dependency of transformers
 
         section = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("model") or {}
-        preset = str(section.get("preset") or "")
+        # A fine-tuned model's architecture came from its init_from checkpoint, not from the (unused) preset.
+        preset = "" if section.get("init_from") else str(section.get("preset") or "")
         candidates = [Path(preset), REPO_ROOT / preset, REPO_ROOT / "configuration" / "models" / f"{preset}.json"]
         found = next((p for p in candidates if preset and p.is_file()), None)
         expected = json.loads(found.read_text(encoding="utf-8")) if found else {}
