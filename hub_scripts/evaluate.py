@@ -31,7 +31,7 @@ else:
 
 from modeling_stpnet.data import DataError, load_stpnet_dataset  # noqa: E402
 from modeling_stpnet.data.io import blocking_file  # noqa: E402
-from modeling_stpnet.predict import CheckpointError, load_checkpoint  # noqa: E402
+from modeling_stpnet.predict import CheckpointError, FlipAveraged, load_checkpoint  # noqa: E402
 from modeling_stpnet.training.evaluation import EVALUATION_FILES, OVERLAY_FILE, evaluate_split  # noqa: E402
 
 DEFAULT_DATASET = ROOT / "sample" / "kvasir-seg-mini"
@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="model input size in px, a multiple of 32 (default: the checkpoint's own); the model runs at any such "
         "size, so this scores a model trained at one size at another",
+    )
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="score the mask averaged over horizontally and vertically mirrored copies (3x the compute; retrieval "
+        "is scored on the image as given)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--overlays", type=int, default=4, help="best and worst images drawn (default 4 each)")
@@ -127,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     model = model.eval().to(torch.float32)
+    if args.tta:
+        model = FlipAveraged(model)
     if args.image_size is not None:
         processor.size = {"height": args.image_size, "width": args.image_size}
     dataset_path = args.dataset or str(DEFAULT_DATASET)
@@ -152,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(args.model),
         "dataset": shown,
         "split": args.split,
+        "test_time_augmentation": "flips" if args.tta else None,
         **({"notes": notes} if notes else {}),
     }
     if args.overwrite:  # else a smaller --overlays leaves old panels; other files in overlays/ are the user's

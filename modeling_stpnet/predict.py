@@ -394,6 +394,36 @@ class Prediction:
         return mask_to_image(self.mask)
 
 
+class FlipAveraged(torch.nn.Module):
+    """Test-time augmentation: the mask logits averaged (as probabilities) over the image and its horizontal and
+    vertical mirrors, three forward passes in all. Everything else, the retrieved sentences included, comes from the
+    unmirrored pass: a mirror swaps left and right (and top and bottom) in the descriptions.
+
+    Forward: ``pixel_values`` ``(B, C, H, W)`` → the wrapped model's output with ``logits`` ``(B, 1, H, W)`` replaced.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def forward(self, pixel_values: torch.Tensor) -> Any:
+        outputs = self.model(pixel_values=pixel_values)
+        probabilities = outputs.logits.float().sigmoid()
+        for dims in ((-1,), (-2,)):
+            mirrored = self.model(pixel_values=pixel_values.flip(dims)).logits
+            probabilities = probabilities + mirrored.float().sigmoid().flip(dims)
+        outputs.logits = torch.logit(probabilities / 3, eps=1e-6).to(outputs.logits.dtype)
+        return outputs
+
+
 class STPNetPredictor:
     """A loaded checkpoint (model + image processor) that turns RGB images into :class:`Prediction` objects."""
 
@@ -420,8 +450,9 @@ class STPNetPredictor:
         return cls(model.to(target), processor, str(name_or_path), notes)
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[Image.Image], threshold: float = 0.5) -> list[Prediction]:
-        """One :class:`Prediction` per RGB image, in order (one batch; split long lists yourself)."""
+    def predict(self, images: Sequence[Image.Image], threshold: float = 0.5, tta: bool = False) -> list[Prediction]:
+        """One :class:`Prediction` per RGB image, in order (one batch; split long lists yourself); ``tta`` averages
+        the mask over mirrored copies (:class:`FlipAveraged`, three times the compute)."""
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
         if not images:
@@ -430,7 +461,7 @@ class STPNetPredictor:
             start = time.perf_counter()
             inputs = self.processor(list(images), return_tensors="pt")
             pixel_values = inputs["pixel_values"].to(device=self.device, dtype=self.model.dtype)
-            outputs = self.model(pixel_values=pixel_values)
+            outputs = (FlipAveraged(self.model) if tta else self.model)(pixel_values=pixel_values)
             sizes = [(im.height, im.width) for im in images]
             masks = self.processor.post_process_semantic_segmentation(outputs, target_sizes=sizes, threshold=threshold)
             masks = [m.cpu().numpy().astype(bool) for m in masks]

@@ -236,6 +236,7 @@ def run(
     max_pixels: int = MAX_PIXELS,
     progress: bool | None = None,
     overwrite: bool = False,
+    tta: bool = False,
 ) -> tuple[int, list[tuple[str, str]]]:
     """Predict every readable image of ``inputs``; returns (number processed, [(file, why skipped)]).
 
@@ -264,7 +265,7 @@ def run(
     def flush(batch: list[tuple[Path, PreparedImage]]) -> None:
         nonlocal processed
         try:
-            predictions = predictor.predict([p.image for _, p in batch], threshold)
+            predictions = predictor.predict([p.image for _, p in batch], threshold, tta=tta)
         except (RuntimeError, ValueError) as error:
             if len(batch) > 1:  # one image can break a batch (e.g. out of memory on a big one): isolate it
                 for item in batch:
@@ -327,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         "predictions.csv names; other files there are never deleted, and make the command refuse the folder)",
     )
     parser.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold (default 0.5)")
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="average the mask over horizontally and vertically mirrored copies (3x the compute; the description "
+        "comes from the image as given)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--recursive", action="store_true", help="also look into sub-folders of input folders")
@@ -378,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         recursive=args.recursive,
         max_pixels=args.max_pixels,
         overwrite=args.overwrite,
+        tta=args.tta,
     )
     out = Path(args.output_dir)
     if skipped:

@@ -142,7 +142,7 @@ def test_evaluate_script_on_the_bundled_sample(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "not a checkpoint folder" in missing.stderr
 
 
-def test_evaluate_script_scores_at_another_input_size(tmp_path: Path, capsys) -> None:
+def test_evaluate_script_scores_at_another_input_size_with_flips(tmp_path: Path, capsys) -> None:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "hub_scripts" / "evaluate.py")
@@ -152,8 +152,9 @@ def test_evaluate_script_scores_at_another_input_size(tmp_path: Path, capsys) ->
     build_stpnet_model(config, load_repository(config)).save_pretrained(tmp_path / "model")
     STPNetImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "model")
     args = ["--model", str(tmp_path / "model"), "--no-progress", "--overlays", "0"]
-    assert cli.main([*args, "--output-dir", str(tmp_path / "eval"), "--image-size", "96"]) == 0
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["input_resolution"]["height"] == 96
+    assert cli.main([*args, "--output-dir", str(tmp_path / "eval"), "--image-size", "96", "--tta"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["input_resolution"]["height"] == 96 and metrics["test_time_augmentation"] == "flips"
     with pytest.raises(SystemExit):
         cli.main([*args, "--output-dir", str(tmp_path / "bad"), "--image-size", "100"])
     assert "--image-size must be a positive multiple of 32, got 100" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from modeling_stpnet import ScaleAwareTextRepository, STPNetConfig, STPNetForSem
 from modeling_stpnet.data.io import DataError
 from modeling_stpnet.predict import (
     CheckpointError,
+    FlipAveraged,
     is_hub_id,
     load_predictor,
     main,
@@ -237,3 +238,27 @@ def test_overlays() -> None:
     assert side_by_side([image, image.resize((20, 15))]).size == (40 + 4 + 40, 30)
     with pytest.raises(ValueError, match="30x40"):
         overlay_mask(image, mask[:, :20])
+
+
+# ---------------------------------------------------------------------------------------------- test-time flips
+def test_flip_averaging_is_the_mean_probability_of_the_mirrors(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    model = STPNetForSemanticSegmentation.from_pretrained(checkpoint).eval()
+    pixels = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(pixel_values=pixels)
+        averaged = FlipAveraged(model)(pixels)
+        mirrors = [model(pixel_values=pixels.flip(d)).logits.sigmoid().flip(d) for d in (-1, -2)]
+    expected = (plain.logits.sigmoid() + sum(mirrors)) / 3
+    assert torch.allclose(averaged.logits.sigmoid(), expected, atol=1e-6)
+    assert not torch.allclose(averaged.logits, plain.logits)  # the mirrors count
+    # what the model says comes from the image as given: a mirror would swap left and right
+    assert torch.equal(averaged.retrieved_indices, plain.retrieved_indices)
+
+    image = Image.open(SAMPLE_IMAGE).convert("RGB")
+    predictor = load_predictor(str(checkpoint), device="cpu")
+    with_flips, without = predictor.predict([image], tta=True)[0], predictor.predict([image])[0]
+    assert with_flips.description == without.description and with_flips.mask.shape == without.mask.shape
+    assert main(["--model", str(checkpoint), str(SAMPLE_IMAGE), "--output-dir", str(tmp_path / "out"),
+                 "--device", "cpu", "--tta"]) == 0  # fmt: skip
+    row = read_csv(tmp_path / "out" / "predictions.csv")[0]
+    assert int(row["lesion_pixels"]) == int(with_flips.mask.sum())
