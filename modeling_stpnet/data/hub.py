@@ -14,6 +14,7 @@ from pathlib import Path
 import datasets
 from PIL import Image, UnidentifiedImageError
 
+from ..messages import first_few
 from ..text_repository import ScaleAwareTextRepository
 from .convert import SPLIT_ORDER, convert_layout
 from .io import DataError, blocking_file
@@ -291,7 +292,7 @@ def _target_problem(path: Path, kind: str, overwrite: bool) -> str | None:
     entries = sorted(path.iterdir()) if path.is_dir() else []
     if not entries:
         return None
-    shown = ", ".join(e.name for e in entries[:5]) + (", ..." if len(entries) > 5 else "")
+    shown = first_few([e.name for e in entries], 5)
     if not overwrite:
         return (
             f"{path}: folder is not empty ({len(entries)} entries: {shown}); choose a new or empty folder, or pass "
@@ -300,9 +301,8 @@ def _target_problem(path: Path, kind: str, overwrite: bool) -> str | None:
     foreign = _foreign_entries(path, kind)
     if foreign:
         written = "a save_to_disk dataset" if kind == "output" else "{split}.parquet files"
-        more = ", ..." if len(foreign) > 8 else ""
         return (
-            f"{path}: not replaced, since it does not hold only {written} ({', '.join(foreign[:8])}{more}); "
+            f"{path}: not replaced, since it does not hold only {written} ({first_few(foreign, 8)}); "
             "--overwrite replaces nothing else, so move the other files away or choose another folder"
         )
     return None

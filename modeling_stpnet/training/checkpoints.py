@@ -15,6 +15,7 @@ from accelerate import Accelerator
 
 from ..data.io import blocking_file
 from ..image_processing_stpnet import STPNetImageProcessor
+from ..messages import first_few
 from .config import ConfigError
 from .evaluation import EVALUATION_FILES, OVERLAY_FILE, OVERLAY_FOLDER
 
@@ -127,7 +128,7 @@ def check_checkpoint_folder(path: Path) -> None:
     hint = ""
     if (path / CHECKPOINTS).is_dir() or (path / "best").is_dir():
         hint = f"; {path} looks like a run folder: to continue it, pass --output-dir {path} --resume (no folder)"
-    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
+    shown = first_few(names, 8) if names else "nothing"
     raise ConfigError(
         f"--resume {path}: not a checkpoint folder written by train.py (expected model.safetensors and optimizer.bin, "
         f"as in <output-dir>/{CHECKPOINTS}/step-NNNNNNN; found {shown}){hint}"
