@@ -4,17 +4,16 @@ hub_scripts/evaluate.py and hub_scripts/export_onnx.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
 from functools import cache
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 from PIL import Image
+from runs import hub_script
 
 from modeling_stpnet.predict import CheckpointError, load_checkpoint
 from modeling_stpnet.predict_cli import main
@@ -26,13 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@cache
-def script(name: str) -> ModuleType:
-    """A hub_scripts/ script as a module (its main() runs in this process: no second interpreter to start)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "hub_scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+script = cache(hub_script)  # one module per script for the whole file
 
 
 @pytest.fixture(scope="module")

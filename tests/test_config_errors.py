@@ -4,13 +4,12 @@ push_to_hub --dry-run into another checkpoint (CPU, offline, no training)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from runs import hub_script
 from safetensors.torch import save_file
 
 from modeling_stpnet.configuration_stpnet import STPNetConfig
@@ -19,14 +18,6 @@ from modeling_stpnet.training.config import MODEL_PRESETS, REPO_ROOT
 from modeling_stpnet.training.model import read_model_preset
 
 TRAIN_CONFIGS = sorted((REPO_ROOT / "configuration" / "train").glob("*.yaml"))
-
-
-def load_script(name: str) -> ModuleType:
-    path = REPO_ROOT / "hub_scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_config_errors", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------------- model presets
@@ -88,7 +79,7 @@ def test_a_set_value_that_is_not_yaml_names_the_override() -> None:
 
 
 def test_train_script_reports_bad_set_values_without_a_traceback(capsys) -> None:
-    train = load_script("train")
+    train = hub_script("train")
     config = str(REPO_ROOT / "configuration" / "train" / "sample-tiny.yaml")
     assert train.main(["--config", config, "--set", "train.betas=[0.9,"]) == 2
     err = capsys.readouterr().err
@@ -200,7 +191,7 @@ def write_checkpoint(folder: Path, fill: float = 0.0) -> Path:
 
 
 def test_dry_run_refuses_another_checkpoint(tmp_path: Path, capsys) -> None:
-    push = load_script("push_to_hub")
+    push = hub_script("push_to_hub")
     best = write_checkpoint(tmp_path / "run1" / "best")
     other = write_checkpoint(tmp_path / "otherbest", fill=7.0)
     metrics = tmp_path / "m.json"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runs import ROOT, SAMPLE_CONFIG, hub_script
 
 from modeling_stpnet import STPNetImageProcessor
 from modeling_stpnet.metrics import (
@@ -24,9 +25,6 @@ from modeling_stpnet.metrics import (
     segmentation_scores,
 )
 from modeling_stpnet.training import build_stpnet_model, load_repository, load_train_config
-
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_CONFIG = ROOT / "configuration" / "train" / "sample-tiny.yaml"
 
 
 def box(height: int, width: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
@@ -143,11 +141,7 @@ def test_evaluate_script_on_the_bundled_sample(tmp_path: Path) -> None:
 
 
 def test_evaluate_script_scores_at_another_input_size_with_flips(tmp_path: Path, capsys) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "hub_scripts" / "evaluate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = hub_script("evaluate")
     config = load_train_config(SAMPLE_CONFIG, ["data.image_size=64", "model.overrides={base_channels: 8}"])
     build_stpnet_model(config, load_repository(config)).save_pretrained(tmp_path / "model")
     STPNetImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "model")

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from runs import ROOT, SAMPLE_CONFIG, tiny_overrides
+from runs import SAMPLE_CONFIG, hub_script, tiny_overrides
 from safetensors.torch import load_file
-from test_hub import load_push_module
 
 from modeling_stpnet import STPNetForSemanticSegmentation
 from modeling_stpnet.predict import load_checkpoint
@@ -125,11 +124,7 @@ def test_checkpoints_that_do_not_fit_are_refused(
 
 
 def test_train_script_takes_init_from(checkpoint: Path, tiny_dataset: Path, tmp_path: Path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "hub_scripts" / "train.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = hub_script("train")
     settings = tiny_overrides(tiny_dataset, tmp_path / "run", **{"model.overrides": "{}", "train.epochs": 1})
     args = ["--config", str(SAMPLE_CONFIG), *(a for o in settings for a in ("--set", o))]
     assert cli.main([*args, "--init-from", str(checkpoint)]) == 0
@@ -147,7 +142,7 @@ def test_init_from_with_another_model_factory_is_refused(checkpoint: Path, tiny_
 
 
 def test_model_card_names_the_base_model(checkpoint: Path, tmp_path: Path) -> None:
-    push = load_push_module()
+    push = hub_script("push_to_hub")
     metrics = {"dice": 0.5, "iou": 0.4, "split": "test", "num_images": 4}
     for init_from, base_model in (("org/stpnet-kvasir", "org/stpnet-kvasir"), (str(checkpoint), None)):
         folder = tmp_path / f"model-{base_model is None}"

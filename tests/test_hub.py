@@ -11,12 +11,11 @@ import textwrap
 from pathlib import Path
 
 import torch
+from runs import ROOT, SAMPLE_CONFIG, hub_script
 
 from modeling_stpnet import STPNetImageProcessor
 from modeling_stpnet.training import build_stpnet_model, load_repository, load_train_config
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_CONFIG = ROOT / "configuration" / "train" / "sample-tiny.yaml"
 PUSH = ROOT / "hub_scripts" / "push_to_hub.py"
 
 CHECK = textwrap.dedent(
@@ -127,17 +126,8 @@ class FakeHfApi:
         FakeHfApi.calls.append(("upload_folder", {"repo_id": repo_id, "files": files, **kwargs}))
 
 
-def load_push_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("push_to_hub", PUSH)
-    push = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(push)
-    return push
-
-
 def test_card_says_whether_the_reported_split_selected_the_checkpoint() -> None:
-    note = load_push_module().results_note
+    note = hub_script("push_to_hub").results_note
     # QaTa-COV19 recipe: selected on a carve of train, reported on the official validation split
     carved = {"validation_split": "validation", "validation_from_train": 0.1}
     assert note(carved, "validation") == "Split `validation` was never used for selection or early stopping."
@@ -151,7 +141,7 @@ def test_card_says_whether_the_reported_split_selected_the_checkpoint() -> None:
 def test_upload_sends_the_dry_run_folder(tmp_path: Path, monkeypatch, capsys) -> None:
     import huggingface_hub
 
-    push = load_push_module()
+    push = hub_script("push_to_hub")
     config = load_train_config(SAMPLE_CONFIG, ["data.image_size=64", "model.overrides={base_channels: 8}"])
     best = tmp_path / "run" / "best"
     build_stpnet_model(config, load_repository(config)).save_pretrained(best)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+from runs import hub_script
 
 from modeling_stpnet import STPNetConfig, STPNetForSemanticSegmentation
 from modeling_stpnet.unet import UNetConfig, UNetForSemanticSegmentation
@@ -22,11 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @cache
-def export_script():
-    spec = importlib.util.spec_from_file_location("export_onnx", ROOT / "hub_scripts" / "export_onnx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def export_script() -> ModuleType:
+    return hub_script("export_onnx")
 
 
 def briefly_trained(model: torch.nn.Module, size: int = 64) -> torch.nn.Module:

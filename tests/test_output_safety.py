@@ -4,17 +4,14 @@ pruning goes by step number (CPU, offline)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+from runs import SAMPLE_CONFIG, hub_script, tiny_factory
 from safetensors.torch import save_file
-from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from modeling_stpnet.training import ConfigError, load_train_config, run_training
 from modeling_stpnet.training.checkpoints import (
@@ -25,20 +22,10 @@ from modeling_stpnet.training.checkpoints import (
     save_checkpoint,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_CONFIG = ROOT / "configuration" / "train" / "sample-tiny.yaml"
-
-
-def load_script(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def push() -> ModuleType:
-    return load_script(ROOT / "hub_scripts" / "push_to_hub.py")
+    return hub_script("push_to_hub")
 
 
 # ---------------------------------------------------------------------------------------------- push_to_hub --dry-run
@@ -161,7 +148,7 @@ def test_output_dir_that_is_a_file_is_refused_up_front(tmp_path: Path, overwrite
         check_output_dir(a_file, None, overwrite)
     with pytest.raises(ConfigError, match=r"results.txt \(a folder above output_dir .*run\) is a file"):
         check_output_dir(a_file / "run", None, overwrite)
-    train = load_script(ROOT / "hub_scripts" / "train.py")
+    train = hub_script("train")
     argv = ["--config", str(SAMPLE_CONFIG), "--output-dir", str(a_file)] + (["--overwrite"] if overwrite else [])
     assert train.main(argv) == 2
     assert "is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "keep"
@@ -245,26 +232,6 @@ def test_pruning_goes_by_step_and_spares_newer_numbers(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- training end to end
-class TinyConfig(PretrainedConfig):
-    model_type = "tiny-safety-test"
-
-
-class TinyModel(PreTrainedModel):
-    config_class = TinyConfig
-
-    def __init__(self, config: TinyConfig) -> None:
-        super().__init__(config)
-        self.net = nn.Conv2d(3, 1, 3, padding=1)
-        self.post_init()
-
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> SemanticSegmenterOutput:
-        logits = self.net(pixel_values)
-        if labels is None:
-            return SemanticSegmenterOutput(logits=logits)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, labels[:, None].float())
-        return SemanticSegmenterOutput(loss=loss, logits=logits)
-
-
 def tiny_config(output: Path, **extra):
     settings = {
         "output_dir": str(output),
@@ -286,17 +253,17 @@ def tiny_config(output: Path, **extra):
 
 def test_training_refuses_an_earlier_run_and_overwrite_replaces_only_it(tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
-    run_training(tiny_config(run, **{"train.max_steps": 3}), model_factory=lambda c, r: TinyModel(TinyConfig()))
+    run_training(tiny_config(run, **{"train.max_steps": 3}), model_factory=tiny_factory)
     (run / "checkpoints" / "step-0005000").mkdir()  # a longer earlier run's checkpoint, as in the reported loss
     (run / "notes.txt").write_text("mine")
     best = (run / "best" / "model.safetensors").read_bytes()
 
     with pytest.raises(ConfigError, match="already holds the results of a run.*--resume.*--overwrite"):
-        run_training(tiny_config(run), model_factory=lambda c, r: TinyModel(TinyConfig()))
+        run_training(tiny_config(run), model_factory=tiny_factory)
     assert (run / "best" / "model.safetensors").read_bytes() == best
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"step-0000003", "step-0005000"}
 
-    train = load_script(ROOT / "hub_scripts" / "train.py")
+    train = hub_script("train")
     assert train.main(["--config", str(SAMPLE_CONFIG), "--output-dir", str(run)]) == 2
     err = capsys.readouterr().err
     assert str(run) in err and "--resume" in err and "--overwrite" in err
@@ -309,7 +276,7 @@ def test_training_refuses_an_earlier_run_and_overwrite_replaces_only_it(tmp_path
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before  # checked before anything was cleared
     assert (run / "best" / "model.safetensors").read_bytes() == best
 
-    result = run_training(tiny_config(run), model_factory=lambda c, r: TinyModel(TinyConfig()), overwrite=True)
+    result = run_training(tiny_config(run), model_factory=tiny_factory, overwrite=True)
     assert result["steps"] == 2 and [row["step"] for row in result["history"]] == [1, 2]
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"step-0000002"}  # the new run's, kept
     assert (run / "notes.txt").read_text() == "mine"
@@ -317,14 +284,14 @@ def test_training_refuses_an_earlier_run_and_overwrite_replaces_only_it(tmp_path
 
     with pytest.raises(ConfigError, match="another model config.*model.preset: 'stpnet-tiny' in the run"):
         run_training(tiny_config(run, **{"model.preset": "stpnet-small"}), resume=True)
-    result = run_training(tiny_config(run, **{"train.max_steps": 3}), lambda c, r: TinyModel(TinyConfig()), resume=True)
+    result = run_training(tiny_config(run, **{"train.max_steps": 3}), tiny_factory, resume=True)
     assert result["steps"] == 3 and (run / "checkpoints" / "step-0000003" / "train_config.yaml").is_file()
 
 
 def test_a_batch_larger_than_the_split_is_noted_and_recorded(tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     config = tiny_config(run, **{"train.batch_size": 64, "train.max_steps": 1, "train.checkpoint_every_steps": 0})
-    run_training(config, model_factory=lambda c, r: TinyModel(TinyConfig()))
+    run_training(config, model_factory=tiny_factory)
     assert "train.batch_size=64" in capsys.readouterr().out
     info = json.loads((run / "run.json").read_text())
     assert info["global_batch_size"] == 64 and info["effective_global_batch_size"] == info["train_examples"] == 32

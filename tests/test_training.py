@@ -16,15 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runs import ROOT, SAMPLE_CONFIG, tiny_overrides
+from runs import ROOT, SAMPLE_CONFIG, TinySegModel, hub_script, tiny_factory, tiny_overrides
 from safetensors.torch import load_file
-from torch import nn
-from transformers import AutoModel, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers import AutoModel
 
 from modeling_stpnet import STPNetForSemanticSegmentation
 from modeling_stpnet.data import MaskDescriber
-from modeling_stpnet.losses import IGNORE_INDEX, dice_loss
+from modeling_stpnet.losses import IGNORE_INDEX
 from modeling_stpnet.training import ConfigError, load_train_config, run_training
 from modeling_stpnet.training.augment import TextLabelPolicy, augment_pair, sample_generator
 from modeling_stpnet.training.config import AugmentSection
@@ -151,33 +149,6 @@ def test_two_process_cpu_ddp_really_has_two_ranks(tiny_dataset: Path, tmp_path: 
 
 
 # ---------------------------------------------------------------------------- models other than the default
-class TinySegConfig(PretrainedConfig):
-    model_type = "tiny-seg-test"
-
-
-class TinySegModel(PreTrainedModel):
-    """A BatchNorm-free two-conv segmenter with the baseline interface: forward(pixel_values, labels)."""
-
-    config_class = TinySegConfig
-
-    def __init__(self, config: TinySegConfig) -> None:
-        super().__init__(config)
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))
-        self.post_init()
-
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> SemanticSegmenterOutput:
-        logits = self.net(pixel_values)
-        loss = None
-        if labels is not None:
-            target = labels[:, None].float()
-            loss = dice_loss(logits, target) + nn.functional.binary_cross_entropy_with_logits(logits, target)
-        return SemanticSegmenterOutput(loss=loss, logits=logits)
-
-
-def tiny_factory(config, repository) -> TinySegModel:
-    return TinySegModel(TinySegConfig())
-
-
 def test_gradient_accumulation_equals_the_large_batch(tiny_dataset: Path, tmp_path: Path) -> None:
     """Batch 4 vs batch 2 x 2 accumulation: same examples per step, same (mean) loss, so the same weights."""
     finals = []
@@ -384,11 +355,7 @@ def test_missing_dataset_column_and_split_are_clear(tiny_dataset: Path, tmp_path
 
 
 def test_train_cli_reports_config_errors(capsys, tmp_path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_cli", TRAIN_SCRIPT)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = hub_script("train")
     assert cli.main(["--config", str(SAMPLE_CONFIG), "--set", "train.lrr=1e-3"]) == 2
     assert "did you mean 'train.lr'" in capsys.readouterr().err
     # a fresh output folder: the config's default (outputs/sample-tiny) may hold the main job's run, which is refused
