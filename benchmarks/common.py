@@ -34,6 +34,23 @@ def unet_name(base_channels: int) -> str:
     return "unet" if base_channels == 64 else f"unet-c{base_channels}"
 
 
+# The encoder and decoder settings a U-Net baseline takes from the STPNet preset it is compared with.
+BACKBONE_FIELDS = ("backbone", "backbone_config", "use_pretrained_backbone", "backbone_kwargs", "decoder_channels")
+
+
+def unet_for(preset: str, config: STPNetConfig) -> str:
+    """The U-Net row compared with a preset: `unet-<encoder>` on a backbone preset (`stpnet-mobilenetv2` →
+    `unet-mobilenetv2`), else the U-Net of the preset's width."""
+    if config.backbone_config is not None:
+        return "unet-" + preset.removeprefix("stpnet-").removesuffix("-shared")
+    return unet_name(config.base_channels)
+
+
+def unet_config(config: STPNetConfig, **extra: Any) -> UNetConfig:
+    """The U-Net with the preset's encoder (width or backbone) and decoder."""
+    return UNetConfig(base_channels=config.base_channels, **{k: getattr(config, k) for k in BACKBONE_FIELDS}, **extra)
+
+
 def variant_name(preset: str, variant: str) -> str:
     """`stpnet-<preset>` plus `-shared`, `-no-text` or `-no-ssa`; presets are already called `stpnet-...`."""
     base = preset if preset.startswith("stpnet") else f"stpnet-{preset}"
@@ -77,12 +94,12 @@ def model_specs(
     stay the deterministic placeholders, which cost the same as encoded ones.
     """
     specs: list[tuple[str, str, Callable[[], torch.nn.Module]]] = []
-    for width in sorted({c.base_channels for c in presets.values()}, reverse=True):
-        name = unet_name(width)
+    unets = {unet_for(p, c): c for p, c in sorted(presets.items(), key=lambda item: -item[1].base_channels)}
+    for name, config in unets.items():
 
-        def build_unet(width: int = width) -> torch.nn.Module:
+        def build_unet(config: STPNetConfig = config) -> torch.nn.Module:
             torch.manual_seed(0)
-            return UNetForSemanticSegmentation(UNetConfig(base_channels=width))
+            return UNetForSemanticSegmentation(unet_config(config))
 
         specs.append((name, name, build_unet))
     for preset, config in presets.items():
@@ -94,14 +111,15 @@ def model_specs(
                 torch.manual_seed(0)
                 return STPNetForSemanticSegmentation(variant_config(config, variant))
 
-            specs.append((variant_name(preset, variant), unet_name(config.base_channels), build_stpnet))
+            specs.append((variant_name(preset, variant), unet_for(preset, config), build_stpnet))
     return specs
 
 
 def describe_model(model: torch.nn.Module) -> dict[str, Any]:
     cfg = model.config
     return {
-        "base_channels": cfg.base_channels,
+        "base_channels": None if cfg.backbone_config else cfg.base_channels,
+        "backbone": cfg.backbone,
         "retrieval_backbone": getattr(cfg, "retrieval_backbone", None) if getattr(cfg, "use_text", False) else None,
         "use_text": getattr(cfg, "use_text", None),
         "use_ssa": getattr(cfg, "use_ssa", None),

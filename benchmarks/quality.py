@@ -5,6 +5,7 @@
     python benchmarks/quality.py                               # small settings: both datasets, ~1 h on 2 CPU cores
     python benchmarks/quality.py --settings cpu --variants unet --seeds 0  # a row on the CPU recipes as they are
     python benchmarks/quality.py --settings full --seeds 0 1 2 --datasets kvasir-seg   # the paper's recipe, GPU
+    python benchmarks/quality.py --settings pretrained-cpu --variants unet default shared no-text  # ImageNet encoder
     python benchmarks/quality.py --merge a.json b.json --name quality-cpu  # join rows trained by separate runs
 
 Rows (per dataset): `unet` (base 64; `unet-c32`/`unet-c16` for narrower presets: the U-Net has the preset's
@@ -57,8 +58,17 @@ FULL_CONFIGS = {
 }
 
 
+# The recipes with the ImageNet-pretrained encoder (`*-pretrained-cpu.yaml`: stpnet-mobilenetv2, 128 px, 1000 steps).
+PRETRAINED_CONFIGS = {
+    "kvasir-seg": common.ROOT / "configuration" / "train" / "kvasir-seg-pretrained-cpu.yaml",
+    "qata-cov19": common.ROOT / "configuration" / "train" / "qata-cov19-pretrained-cpu.yaml",
+    "sample": common.ROOT / "configuration" / "train" / "sample-tiny.yaml",
+}
+
+
 def dataset_config(settings: str, dataset: str) -> Path:
-    return (FULL_CONFIGS if settings == "full" else CPU_CONFIGS)[dataset]
+    configs = {"full": FULL_CONFIGS, "pretrained-cpu": PRETRAINED_CONFIGS}.get(settings, CPU_CONFIGS)
+    return configs[dataset]
 
 
 # Overrides per settings level, on top of the dataset's training config (all rows alike).
@@ -86,6 +96,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     },
     "cpu": {"train.progress": False, "train.tensorboard": False},  # the CPU recipes as they are (~36 min per row)
     "full": {"train.progress": False, "train.tensorboard": False},  # the paper recipes as they are
+    "pretrained-cpu": {"train.progress": False, "train.tensorboard": False},  # the pretrained-encoder recipes
 }
 
 
@@ -127,7 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.seeds = args.seeds or [0, 1]
     args.name = args.name or f"quality-{args.settings}"
     if args.preset is None:
-        recipes = args.settings in ("cpu", "full")
+        recipes = args.settings in ("cpu", "full", "pretrained-cpu")
         args.preset = recipe_preset(parser, args.settings, args.datasets) if recipes else "stpnet-tiny"
     return args
 
@@ -152,20 +163,22 @@ def encoded_repository(definition: str, encoder: str, max_length: int, layers: i
     return tuple(load_repository(config).encode(encoder, max_length=max_length, num_hidden_layers=layers))
 
 
-def row_model_config(variant: str, base_channels: int, config, repository):
-    """The model config a row builds: the U-Net of the preset's width, or the preset's STPNet with the variant's
-    overrides (already in the training config's `model.overrides`). The U-Net takes those of `--set`'s model
-    overrides that it has too (its init), so a change of a shared setting reaches the baseline as well."""
+def row_model_config(variant: str, preset, config, repository):
+    """The model config a row builds: the U-Net with the preset's encoder (width or backbone) and decoder, or the
+    preset's STPNet with the variant's overrides (already in the training config's `model.overrides`). The U-Net
+    takes those of `--set`'s model overrides that it has too (its init), so a change of a shared setting reaches the
+    baseline as well."""
     if variant == "unet":
-        shared = set(common.model_settings(common.UNetConfig())) - {"model_type", "base_channels", "image_size"}
+        own = {"model_type", "base_channels", "image_size", *common.BACKBONE_FIELDS}
+        shared = set(common.model_settings(common.UNetConfig())) - own
         extra = {k: v for k, v in config.model.overrides.items() if k in shared}
-        return common.UNetConfig(base_channels=base_channels, image_size=config.data.image_size, **extra)
+        return common.unet_config(preset, image_size=config.data.image_size, **extra)
     from modeling_stpnet.training import build_model_config
 
     return build_model_config(config, repository)
 
 
-def model_factory(variant: str, base_channels: int, built: dict[str, int]):
+def model_factory(variant: str, preset, built: dict[str, int]):
     """`run_training`'s model_factory for one row; records the parameter count in `built`."""
 
     def build(config, repository) -> torch.nn.Module:
@@ -174,10 +187,11 @@ def model_factory(variant: str, base_channels: int, built: dict[str, int]):
         return model
 
     def _build(config, repository) -> torch.nn.Module:
-        model_config = row_model_config(variant, base_channels, config, repository)
+        from modeling_stpnet.training.model import load_pretrained_backbones, load_pretrained_retrieval_backbone
+
+        model_config = row_model_config(variant, preset, config, repository)
         if variant == "unet":
-            return common.UNetForSemanticSegmentation(model_config)
-        from modeling_stpnet.training.model import load_pretrained_retrieval_backbone
+            return load_pretrained_backbones(common.UNetForSemanticSegmentation(model_config))
 
         model = common.STPNetForSemanticSegmentation(model_config)
         if model.use_text:
@@ -192,7 +206,7 @@ def model_factory(variant: str, base_channels: int, built: dict[str, int]):
             and model_config.retrieval_backbone_pretrained
         ):
             load_pretrained_retrieval_backbone(model, model_config.retrieval_backbone_pretrained)
-        return model
+        return load_pretrained_backbones(model)
 
     return build
 
@@ -212,12 +226,12 @@ def per_image_std(run_dir: Path) -> dict[str, float | None]:
     return out
 
 
-def row_config(args: argparse.Namespace, dataset: str, variant: str, seed: int, base_channels: int) -> tuple:
+def row_config(args: argparse.Namespace, dataset: str, variant: str, seed: int, preset) -> tuple:
     """`(model name, run folder, training config)` of one row: the dataset's recipe for the settings level with the
     level's overrides, the preset, the variant's model overrides, the seed and any `--set`."""
     from modeling_stpnet.training import apply_overrides, config_from_dict, load_train_config
 
-    name = common.unet_name(base_channels) if variant == "unet" else common.variant_name(args.preset, variant)
+    name = common.unet_for(args.preset, preset) if variant == "unet" else common.variant_name(args.preset, variant)
     run_dir = Path(args.runs_dir) / args.settings / dataset / f"{name}-seed{seed}"
     overrides: dict[str, Any] = {
         **SETTINGS[args.settings],
@@ -232,11 +246,11 @@ def row_config(args: argparse.Namespace, dataset: str, variant: str, seed: int, 
     return name, run_dir, config
 
 
-def train_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, base_channels: int) -> dict[str, Any]:
+def train_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, preset) -> dict[str, Any]:
     from modeling_stpnet.training import load_repository, run_training
 
-    name, run_dir, config = row_config(args, dataset, variant, seed, base_channels)
-    settings = common.model_settings(row_model_config(variant, base_channels, config, load_repository(config)))
+    name, run_dir, config = row_config(args, dataset, variant, seed, preset)
+    settings = common.model_settings(row_model_config(variant, preset, config, load_repository(config)))
     started = time.time()
     built: dict[str, int] = {}
     result = None if args.retrain else finished_run(run_dir, config.to_yaml(), settings)
@@ -246,7 +260,7 @@ def train_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, b
             print(f"[quality] resuming the interrupted run in {run_dir} from its last checkpoint", flush=True)
         # The run folders belong to the benchmark: a row that is neither reused nor resumed replaces its folder.
         result = run_training(
-            config, model_factory=model_factory(variant, base_channels, built), resume=resume, overwrite=not resume
+            config, model_factory=model_factory(variant, preset, built), resume=resume, overwrite=not resume
         )
     else:
         print(f"[quality] reusing the finished run in {run_dir} (same config; --retrain to train again)", flush=True)
@@ -333,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = common.preset_configs([args.preset])[args.preset]
-    width = preset.base_channels
+    unet = common.unet_for(args.preset, preset)
     payload: dict[str, Any] = {
         "machine": common.machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "command": common.command_line(),
@@ -347,7 +361,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "notes": {
             "dice/iou": "per-image means on the reported split at original resolution; mean over seeds "
             "(std over seeds beside it; per-image std averaged over seeds)",
-            "unet": f"U-Net of the preset's width ({common.unet_name(width)}: base {width})",
+            "unet": f"{unet}: a U-Net with the preset's encoder ("
+            + (f"backbone {preset.backbone}" if preset.backbone_config else f"base {preset.base_channels}")
+            + ") and decoder widths",
             "model names": "stpnet-<preset> uses the preset's own retrieval backbone; -shared the encoder's features",
         },
         "status": "running",
@@ -360,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for seed in args.seeds:
             for variant in args.variants:
                 print(f"[quality] {dataset} seed {seed}: {variant}", flush=True)
-                run = train_one(args, dataset, variant, seed, width)
+                run = train_one(args, dataset, variant, seed, preset)
                 runs[dataset].append(run)
                 params[run["model"]] = run.pop("params")
                 payload["rows"] = [

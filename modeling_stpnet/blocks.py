@@ -84,6 +84,22 @@ class UpBlock(nn.Module):
         return self.conv(torch.cat([x, skip], dim=1))
 
 
+def decoder_widths(encoder_channels: list[int], decoder_channels: list[int] | None) -> list[int]:
+    """The four decoder widths, deep to shallow: `decoder_channels`, or the paper's `[4c, 2c, c, c]` for encoder
+    widths `[c, 2c, 4c, ...]`."""
+    if decoder_channels is not None:
+        return list(decoder_channels)
+    ch = encoder_channels
+    return [ch[2], ch[1], ch[0], ch[0]]
+
+
+def unet_up_blocks(encoder_channels: list[int], decoder: list[int]) -> nn.ModuleList:
+    """The U-Net decoder, deep to shallow (as smp's `UnetDecoder`): stage `i` joins the deeper output with the skip
+    `encoder_channels[3 - i]` into `decoder[i]` channels."""
+    deep = [encoder_channels[4], *decoder[:-1]]
+    return nn.ModuleList(UpBlock(d, s, o) for d, s, o in zip(deep, encoder_channels[3::-1], decoder))
+
+
 class SSA(nn.Module):
     """Spatial Scale-aware module.
 

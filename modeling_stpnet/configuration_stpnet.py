@@ -8,7 +8,7 @@ from transformers import PretrainedConfig
 
 from .text_repository import validate_repository
 
-RETRIEVAL_BACKBONES = ("resnet101", "resnet50", "resnet34", "resnet18", "shared")
+RETRIEVAL_BACKBONES = ("resnet101", "resnet50", "resnet34", "resnet18", "shared", "backbone")
 
 # STPNet's four QaTa-COV19 categories (configuration/text/qata-cov19.json), the default repository.
 _QATA_CATEGORIES = ["laterality", "count", "left_location", "right_location"]
@@ -28,8 +28,21 @@ class STPNetConfig(PretrainedConfig):
         image_size (`int`, defaults to 224): training resolution; the position embeddings are made for it and
             interpolated for any other multiple of 32.
         num_channels (`int`, defaults to 3): input channels (grayscale images are repeated to RGB by the processor).
-        base_channels (`int`, defaults to 64): width of the full-resolution stage; the encoder widths are
-            `[c, 2c, 4c, 8c, 8c]` from full resolution to 1/16.
+        base_channels (`int`, defaults to 64): width of the full-resolution stage of the paper's from-scratch
+            encoder; its widths are `[c, 2c, 4c, 8c, 8c]` from full resolution to 1/16. Unused with a `backbone_config`.
+        backbone (`str`, *optional*): Hub id or folder of a pretrained transformers vision model (e.g.
+            `google/mobilenet_v2_1.0_224`) whose architecture replaces the paper's encoder; its config is read into
+            `backbone_config` when that is not given. Its weights are loaded only by training, when
+            `use_pretrained_backbone` is true; a checkpoint carries the trained backbone itself.
+        backbone_config (`dict`, *optional*): the backbone's transformers config (with `model_type`). The backbone
+            gives five maps at strides 2-32 (or four at 4-32, plus a small stem); the U-shape's skips, SSA and the
+            transformer branch run on them, and the prompt does not enter the encoder (a pretrained stage has no
+            input for the text channel).
+        use_pretrained_backbone (`bool`, defaults to False): whether training starts the backbone from `backbone`'s
+            weights. The model never loads them itself.
+        backbone_kwargs (`dict`, *optional*): `out_features` selecting the maps (see `backbone_stpnet.py`).
+        decoder_channels (`list[int]`, *optional*): widths of the four decoder stages from deep to shallow; default
+            `[4c, 2c, c, c]` of the encoder's widths `[c, 2c, 4c, 8c, ...]`, as the paper.
         text_hidden_size (`int`, defaults to 384): width of the text encoder's token states stored in the repository.
         text_max_length (`int`, defaults to 30): tokens per repository sentence.
         text_encoder_name_or_path (`str`): encoder used by `ScaleAwareTextRepository.encode` to build the
@@ -45,7 +58,8 @@ class STPNetConfig(PretrainedConfig):
         retrieval_backbone (`str`, defaults to `"resnet101"`): image encoder of the text retrieval network, one of
             `resnet101`, `resnet50`, `resnet34`, `resnet18` (a separate ResNet, as the paper) or `shared` (reuse the
             segmentation encoder's deepest features: far cheaper; the text then enters only the transformer branch
-            and the decoder, because the encoder runs before retrieval).
+            and the decoder, because the encoder runs before retrieval) or `backbone` (a second copy of
+            `backbone_config`, pretrained like the encoder when `use_pretrained_backbone`).
         retrieval_backbone_pretrained (`str`, *optional*): Hub id of ResNet weights (e.g. `microsoft/resnet-101`)
             that the training script loads into the retrieval backbone; never loaded by the model itself.
         retrieval_top_k (`int`, defaults to 4): top-k max pooling over image tokens for the image embedding.
@@ -92,6 +106,11 @@ class STPNetConfig(PretrainedConfig):
         image_size: int = 224,
         num_channels: int = 3,
         base_channels: int = 64,
+        backbone: str | None = None,
+        backbone_config: dict[str, Any] | PretrainedConfig | None = None,
+        use_pretrained_backbone: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        decoder_channels: list[int] | None = None,
         text_hidden_size: int = 384,
         text_max_length: int = 30,
         text_encoder_name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2",
@@ -127,6 +146,11 @@ class STPNetConfig(PretrainedConfig):
         self.image_size = image_size
         self.num_channels = num_channels
         self.base_channels = base_channels
+        self.backbone = backbone
+        self.backbone_config = resolve_backbone_config(backbone, backbone_config)
+        self.use_pretrained_backbone = use_pretrained_backbone
+        self.backbone_kwargs = dict(backbone_kwargs) if backbone_kwargs else None
+        self.decoder_channels = list(decoder_channels) if decoder_channels is not None else None
         self.text_hidden_size = text_hidden_size
         self.text_max_length = text_max_length
         self.text_encoder_name_or_path = text_encoder_name_or_path
@@ -161,7 +185,8 @@ class STPNetConfig(PretrainedConfig):
 
     @property
     def encoder_channels(self) -> list[int]:
-        """Channels of the CNN encoder from full resolution to 1/16: `[c, 2c, 4c, 8c, 8c]`."""
+        """Channels of the paper's CNN encoder from full resolution to 1/16: `[c, 2c, 4c, 8c, 8c]` (a backbone's
+        widths are known once it is built: `STPNetBackbone.channels`)."""
         c = self.base_channels
         return [c, 2 * c, 4 * c, 8 * c, 8 * c]
 
@@ -201,12 +226,11 @@ class STPNetConfig(PretrainedConfig):
             raise ValueError(
                 f"STPNetConfig.retrieval_backbone must be one of {RETRIEVAL_BACKBONES}, got {self.retrieval_backbone!r}"
             )
-        for c in self.encoder_channels[:4]:
-            if (2 * c) % self.num_attention_heads:
-                raise ValueError(
-                    f"STPNetConfig.num_attention_heads={self.num_attention_heads} must divide the joined token width "
-                    f"2*{c} of every scale (base_channels={self.base_channels})"
-                )
+        validate_backbone_fields(self)
+        if self.retrieval_backbone == "backbone" and self.backbone_config is None:
+            raise ValueError("STPNetConfig.retrieval_backbone='backbone' needs a backbone_config (or backbone)")
+        if self.backbone_config is None:  # a backbone's widths are checked when it is built
+            check_transformer_widths(self, self.encoder_channels[:4], f"base_channels={self.base_channels}")
         validate_init_mode("STPNetConfig", self.one_channel_conv_init)
         # Checked by type first: a string "false" is truthy and would silently switch a module on, and a string or
         # None in a weight would only fail deep inside the loss.
@@ -226,6 +250,49 @@ class STPNetConfig(PretrainedConfig):
         if not 0.0 <= self.teacher_forcing_prob <= 1.0:
             raise ValueError(f"STPNetConfig.teacher_forcing_prob must be in [0, 1], got {self.teacher_forcing_prob}")
         validate_repository(self.text_categories, self.text_sentences)
+
+
+def resolve_backbone_config(backbone: str | None, backbone_config: Any) -> dict[str, Any] | None:
+    """`backbone_config` as a plain dict (stored in config.json), read from `backbone` (Hub id or folder) when only
+    that is given, as transformers' segmentation configs do."""
+    if backbone_config is None and backbone is not None:
+        from transformers import AutoConfig
+
+        backbone_config = AutoConfig.from_pretrained(backbone)
+    if isinstance(backbone_config, PretrainedConfig):
+        backbone_config = {k: v for k, v in backbone_config.to_dict().items() if k != "transformers_version"}
+    return backbone_config
+
+
+def validate_backbone_fields(config: PretrainedConfig) -> None:
+    """The backbone and decoder fields that STPNet and its U-Net baseline share (`ValueError` naming the field)."""
+    name = type(config).__name__
+    backbone_config = config.backbone_config
+    if backbone_config is not None and not (
+        isinstance(backbone_config, dict) and isinstance(backbone_config.get("model_type"), str)
+    ):
+        raise ValueError(
+            f"{name}.backbone_config must be a transformers config dict with a model_type, "
+            f"got {str(backbone_config)[:80]!r}"
+        )
+    if not isinstance(config.use_pretrained_backbone, bool):
+        value = config.use_pretrained_backbone
+        raise ValueError(f"{name}.use_pretrained_backbone must be true or false, got {value!r}")
+    if config.use_pretrained_backbone and not config.backbone:
+        raise ValueError(f"{name}.use_pretrained_backbone needs `backbone`, the Hub id or folder of the weights")
+    decoder = config.decoder_channels
+    if decoder is not None and (len(decoder) != 4 or not all(_is_positive_int(c) and c % 2 == 0 for c in decoder)):
+        raise ValueError(f"{name}.decoder_channels must be four even positive integers, got {decoder!r}")
+
+
+def check_transformer_widths(config: STPNetConfig, widths: list[int], source: str) -> None:
+    """The transformer branch joins two tokens of each scale's width: the heads must divide every `2 * width`."""
+    for c in widths:
+        if (2 * c) % config.num_attention_heads:
+            raise ValueError(
+                f"STPNetConfig.num_attention_heads={config.num_attention_heads} must divide the joined token width "
+                f"2*{c} of every scale (encoder widths {widths} from {source})"
+            )
 
 
 def validate_init_mode(config_name: str, mode: Any) -> None:

@@ -16,8 +16,18 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .blocks import SSA, ConvToOneChannel, DoubleConv, DownBlock, FusionBlock, TextSimilarityMap, UpBlock
-from .configuration_stpnet import STPNetConfig
+from .backbone_stpnet import STPNetBackbone
+from .blocks import (
+    SSA,
+    ConvToOneChannel,
+    DoubleConv,
+    DownBlock,
+    FusionBlock,
+    TextSimilarityMap,
+    decoder_widths,
+    unet_up_blocks,
+)
+from .configuration_stpnet import STPNetConfig, check_transformer_widths
 from .losses import IGNORE_INDEX, bce_loss, dice_loss, focal_loss
 from .retrieval_stpnet import TextRetrievalNetwork
 from .text_repository import repository_fingerprint
@@ -93,22 +103,33 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
             **(getattr(config, "auto_map", None) or {}),
             "AutoModel": f"{__name__.split('.')[-1]}.{type(self).__name__}",
         }
-        ch = config.encoder_channels  # [c, 2c, 4c, 8c, 8c]
+        # The encoder: the paper's from-scratch U-shape (stem + down blocks) or a transformers backbone.
+        self.encoder = None
+        if config.backbone_config is not None:
+            self.encoder = STPNetBackbone(
+                config.backbone_config, config.backbone_kwargs, config.num_channels, config.backbone
+            )
+            ch, strides = self.encoder.channels, self.encoder.strides
+            check_transformer_widths(config, ch[:4], f"backbone {self.encoder.label!r}")
+        else:
+            ch, strides = config.encoder_channels, [1, 2, 4, 8, 16]
         self.use_text = config.use_text
-        # The encoder sees the prompt only when retrieval can run before it (a separate retrieval backbone).
+        # The encoder sees the prompt only when retrieval can run before it (a separate retrieval backbone) and has
+        # an input for it (the paper's encoder; a pretrained stage has none).
         self.retrieve_first = config.use_text and config.retrieval_backbone != "shared"
-        self.text_in_encoder = self.retrieve_first and config.encoder_text_channel
+        self.text_in_encoder = self.retrieve_first and config.encoder_text_channel and self.encoder is None
 
         if config.use_text:
             self._register_text_embeddings(config)
             self.text_projections = nn.ModuleList(nn.Linear(config.text_hidden_size, c) for c in ch[:4])
-            self.retrieval = TextRetrievalNetwork(config)
+            self.retrieval = TextRetrievalNetwork(config, ch)
         if self.text_in_encoder:
             self.text_maps = nn.ModuleList(TextSimilarityMap(c) for c in ch[:4])
         extra = 1 if self.text_in_encoder else 0
 
-        self.stem = DoubleConv(config.num_channels, ch[0])
-        self.down_blocks = nn.ModuleList(DownBlock(ch[s] + extra, ch[s + 1]) for s in range(4))
+        if self.encoder is None:
+            self.stem = DoubleConv(config.num_channels, ch[0])
+            self.down_blocks = nn.ModuleList(DownBlock(ch[s] + extra, ch[s + 1]) for s in range(4))
         self.ssa = nn.ModuleList(
             SSA(c, tuple(config.ssa_dilations), zero_init_residual=config.zero_init_ssa)
             if config.use_ssa
@@ -122,17 +143,13 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
             config.num_attention_heads,
             config.mlp_ratio,
             config.use_text,
+            feature_strides=strides[:4],
         )
-        # Decoder: (deep, skip) → out at 1/8, 1/4, 1/2, 1/1.
-        self.up_blocks = nn.ModuleList(
-            [UpBlock(ch[4], ch[3], ch[2]), UpBlock(ch[2], ch[2], ch[1]), UpBlock(ch[1], ch[1], ch[0]),
-             UpBlock(ch[0], ch[0], ch[0])]
-        )  # fmt: skip
-        self.fusions = nn.ModuleList(
-            [FusionBlock(ch[2], ch[3]), FusionBlock(ch[1], ch[2]), FusionBlock(ch[0], ch[1]),
-             FusionBlock(ch[0], ch[0])]
-        )  # fmt: skip
-        self.head = ConvToOneChannel(ch[0])
+        # Decoder, deep to shallow: each up block's output fuses the transformer map of its scale.
+        decoder = decoder_widths(ch, config.decoder_channels)
+        self.up_blocks = unet_up_blocks(ch, decoder)
+        self.fusions = nn.ModuleList(FusionBlock(out, t) for out, t in zip(decoder, ch[3::-1]))
+        self.head = ConvToOneChannel(decoder[-1])
         self.post_init()
 
     # ------------------------------------------------------------------ text repository
@@ -226,6 +243,21 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
         if h % 32 or w % 32:
             raise ValueError(f"Height and width must be multiples of 32, got {h}x{w}")
 
+    def _encode(self, pixel_values: torch.Tensor, prompts: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Five encoder maps, shallow to deep (strides 1-16 for the paper's encoder, 2-32 for a backbone), SSA
+        applied to the middle three."""
+        if self.encoder is not None:
+            maps = self.encoder(pixel_values)
+            return [maps[0], *(ssa(m) for ssa, m in zip(self.ssa, maps[1:4])), maps[4]]
+        features = [self.stem(pixel_values)]  # full resolution, then 1/2, 1/4, 1/8, 1/16
+        for s in range(4):
+            x = features[-1]
+            if self.text_in_encoder:
+                x = torch.cat([x, self.text_maps[s](x, prompts[s])], dim=1)
+            x = self.down_blocks[s](x)
+            features.append(self.ssa[s](x) if s < 3 else x)
+        return features
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -248,13 +280,7 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
             retrieval_logits, classifier_logits = self.retrieval(self._prototypes(), pixel_values=pixel_values)
             prompts = self._scale_prompts(self._select_text(retrieval_logits, text_labels))
 
-        features = [self.stem(pixel_values)]  # full resolution, then 1/2, 1/4, 1/8, 1/16
-        for s in range(4):
-            x = features[-1]
-            if self.text_in_encoder:
-                x = torch.cat([x, self.text_maps[s](x, prompts[s])], dim=1)
-            x = self.down_blocks[s](x)
-            features.append(self.ssa[s](x) if s < 3 else x)
+        features = self._encode(pixel_values, prompts)
 
         if self.use_text and not self.retrieve_first:  # shared backbone: retrieve from the encoder's features
             shared = (features[4], features[3])
@@ -271,6 +297,8 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
             # (at full resolution it is as large as a decoder feature).
             x = self.fusions[i](x, self.utrans.reconstruct[s](token_maps[s], features[s].shape[-2:]))
         logits = self.head(x)
+        if logits.shape[-2:] != pixel_values.shape[-2:]:  # a backbone's shallowest map is at stride 2
+            logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
 
         output = STPNetSegmentationOutput(
             logits=logits,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .backbone_stpnet import STPNetBackbone
 from .configuration_stpnet import STPNetConfig
 
 # name → (block type, depths, stage widths), the torchvision/timm ResNet shapes.
@@ -38,7 +39,8 @@ def build_resnet_backbone(name: str, num_channels: int = 3) -> nn.Module:
 class TextRetrievalNetwork(nn.Module):
     """Image → embedding → one set of logits per text category.
 
-    Image tokens come from a ResNet (stage 3 ++ upsampled stage 4, at 1/16 resolution) or, with the "shared"
+    Image tokens come from a ResNet or the configured transformers backbone (the 1/16 map ++ the upsampled 1/32
+    map, at 1/16 resolution) or, with the "shared"
     backbone, from the segmentation encoder's own 1/16 and 1/8 features. A token MLP projects them to the text
     width `D`, top-k max pooling over all tokens gives one embedding, and per category:
 
@@ -49,13 +51,19 @@ class TextRetrievalNetwork(nn.Module):
     two lists of `(B, n_k)` logits.
     """
 
-    def __init__(self, config: STPNetConfig) -> None:
+    def __init__(self, config: STPNetConfig, encoder_channels: list[int] | None = None) -> None:
         super().__init__()
         dim = config.text_hidden_size
         self.top_k = config.retrieval_top_k
         if config.retrieval_backbone == "shared":
             self.backbone = None
-            in_channels = config.encoder_channels[4] + config.encoder_channels[3]
+            channels = encoder_channels or config.encoder_channels
+            in_channels = channels[4] + channels[3]
+        elif config.retrieval_backbone == "backbone":
+            self.backbone = STPNetBackbone(
+                config.backbone_config, config.backbone_kwargs, config.num_channels, config.backbone
+            )
+            in_channels = self.backbone.channels[3] + self.backbone.channels[4]
         else:
             self.backbone = build_resnet_backbone(config.retrieval_backbone, config.num_channels)
             in_channels = sum(RESNET_SPECS[config.retrieval_backbone][2][2:])
@@ -74,10 +82,13 @@ class TextRetrievalNetwork(nn.Module):
     def image_tokens(self, pixel_values: torch.Tensor | None, shared: tuple[torch.Tensor, torch.Tensor] | None):
         """`(B, N, Cin)` tokens on the 1/16 grid."""
         if self.backbone is None:
-            deep, mid = shared  # (B, 8c, H/16, W/16), (B, 8c, H/8, W/8)
+            deep, mid = shared  # the encoder's two deepest maps, e.g. (B, 8c, H/16, W/16), (B, 8c, H/8, W/8)
             fmap = torch.cat([deep, F.avg_pool2d(mid, 2)], dim=1)
         else:
-            stage3, stage4 = self.backbone(pixel_values).feature_maps  # 1/16 and 1/32
+            if isinstance(self.backbone, STPNetBackbone):
+                stage3, stage4 = self.backbone(pixel_values)[3:]  # the two deepest maps, 1/16 and 1/32
+            else:
+                stage3, stage4 = self.backbone(pixel_values).feature_maps  # 1/16 and 1/32
             stage4 = F.interpolate(stage4, size=stage3.shape[-2:], mode="bilinear", align_corners=False)
             fmap = torch.cat([stage3, stage4], dim=1)
         return fmap.flatten(2).transpose(1, 2)

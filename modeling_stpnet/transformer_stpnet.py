@@ -106,8 +106,9 @@ class UTrans(nn.Module):
         image_size: training resolution (sets the base position-embedding grid).
         token_stride: input pixels per token at every scale.
         use_text: `False` replaces the MTBlocks by plain self-attention blocks (the no-text ablation).
+        feature_strides: strides of the four features (default 1, 2, 4, 8); patch size = token_stride / stride.
 
-    Forward: four features `(B, C_s, H/2^s, W/2^s)` and four prompts `(B, L, C_s)` (or `None`) →
+    Forward: four features `(B, C_s, H/stride_s, W/stride_s)` and four prompts `(B, L, C_s)` (or `None`) →
     four token-grid maps `(B, C_s, H/stride, W/stride)`.
     """
 
@@ -119,10 +120,14 @@ class UTrans(nn.Module):
         num_heads: int,
         mlp_ratio: float,
         use_text: bool = True,
+        feature_strides: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.use_text = use_text
-        self.patch_sizes = [token_stride // 2**s for s in range(len(channels))]
+        strides = feature_strides or [2**s for s in range(len(channels))]
+        if any(token_stride % s for s in strides):
+            raise ValueError(f"token_stride {token_stride} must be a multiple of every feature stride {strides}")
+        self.patch_sizes = [token_stride // s for s in strides]
         grid = image_size // token_stride
         self.patch_embeds = nn.ModuleList(
             nn.Conv2d(c, c, kernel_size=p, stride=p) for c, p in zip(channels, self.patch_sizes)

@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .blocks import ConvToOneChannel, DoubleConv, DownBlock, UpBlock
-from .configuration_stpnet import validate_init_mode
+from .backbone_stpnet import STPNetBackbone
+from .blocks import ConvToOneChannel, DoubleConv, DownBlock, decoder_widths, unet_up_blocks
+from .configuration_stpnet import resolve_backbone_config, validate_backbone_fields, validate_init_mode
 from .losses import bce_loss, dice_loss
 from .modeling_stpnet import STPNetPreTrainedModel, STPNetSegmentationOutput
 
@@ -27,6 +29,8 @@ class UNetConfig(PretrainedConfig):
         image_size (`int`, defaults to 224): nominal training resolution (any multiple of 32 runs).
         num_channels (`int`, defaults to 3): input channels.
         base_channels (`int`, defaults to 64): encoder widths are `[c, 2c, 4c, 8c, 8c]`, as in STPNet.
+        backbone, backbone_config, use_pretrained_backbone, backbone_kwargs, decoder_channels: a transformers
+            backbone as the encoder and the decoder widths, exactly as `STPNetConfig`'s (the `unet-<encoder>` rows).
         dice_weight, bce_weight (`float`): loss weights, STPNet's defaults (.5, .5).
         one_channel_conv_init (`str`, defaults to `"fan_in"`): He-normal mode of the 1x1 head, as
             `STPNetConfig.one_channel_conv_init`.
@@ -40,6 +44,11 @@ class UNetConfig(PretrainedConfig):
         image_size: int = 224,
         num_channels: int = 3,
         base_channels: int = 64,
+        backbone: str | None = None,
+        backbone_config: dict[str, Any] | PretrainedConfig | None = None,
+        use_pretrained_backbone: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        decoder_channels: list[int] | None = None,
         dice_weight: float = 0.5,
         bce_weight: float = 0.5,
         one_channel_conv_init: str = "fan_in",
@@ -51,6 +60,11 @@ class UNetConfig(PretrainedConfig):
         self.image_size = image_size
         self.num_channels = num_channels
         self.base_channels = base_channels
+        self.backbone = backbone
+        self.backbone_config = resolve_backbone_config(backbone, backbone_config)
+        self.use_pretrained_backbone = use_pretrained_backbone
+        self.backbone_kwargs = dict(backbone_kwargs) if backbone_kwargs else None
+        self.decoder_channels = list(decoder_channels) if decoder_channels is not None else None
         self.dice_weight = dice_weight
         self.bce_weight = bce_weight
         self.one_channel_conv_init = one_channel_conv_init
@@ -74,10 +88,12 @@ class UNetConfig(PretrainedConfig):
             if getattr(self, name) < 0:
                 raise ValueError(f"UNetConfig.{name} must be >= 0, got {getattr(self, name)}")
         validate_init_mode("UNetConfig", self.one_channel_conv_init)
+        validate_backbone_fields(self)
 
 
 class UNetForSemanticSegmentation(PreTrainedModel):
-    """U-Net: DoubleConv stem, 4 down blocks (1/2..1/16), 4 bilinear up blocks with skips, 1x1 head.
+    """U-Net: DoubleConv stem, 4 down blocks (1/2..1/16) or a transformers backbone (1/2..1/32), 4 bilinear up
+    blocks with skips, 1x1 head.
 
     `forward(pixel_values (B, C, H, W), labels=None)` → `STPNetSegmentationOutput(loss, logits (B, 1, H, W))`;
     the retrieval fields stay `None`.
@@ -95,15 +111,20 @@ class UNetForSemanticSegmentation(PreTrainedModel):
             **(getattr(config, "auto_map", None) or {}),
             "AutoModel": f"{__name__.split('.')[-1]}.{type(self).__name__}",
         }
-        ch = config.encoder_channels
-        self.stem = DoubleConv(config.num_channels, ch[0])
-        self.down_blocks = nn.ModuleList(DownBlock(ch[s], ch[s + 1]) for s in range(4))
-        # Same decoder widths as STPNet's, so the two differ only by STPNet's additions.
-        self.up_blocks = nn.ModuleList(
-            [UpBlock(ch[4], ch[3], ch[2]), UpBlock(ch[2], ch[2], ch[1]), UpBlock(ch[1], ch[1], ch[0]),
-             UpBlock(ch[0], ch[0], ch[0])]
-        )  # fmt: skip
-        self.head = ConvToOneChannel(ch[0])
+        self.encoder = None
+        if config.backbone_config is not None:
+            self.encoder = STPNetBackbone(
+                config.backbone_config, config.backbone_kwargs, config.num_channels, config.backbone
+            )
+            ch = self.encoder.channels
+        else:
+            ch = config.encoder_channels
+            self.stem = DoubleConv(config.num_channels, ch[0])
+            self.down_blocks = nn.ModuleList(DownBlock(ch[s], ch[s + 1]) for s in range(4))
+        # The decoder STPNet builds from the same widths, so the two differ only by STPNet's additions.
+        decoder = decoder_widths(ch, config.decoder_channels)
+        self.up_blocks = unet_up_blocks(ch, decoder)
+        self.head = ConvToOneChannel(decoder[-1])
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -130,13 +151,19 @@ class UNetForSemanticSegmentation(PreTrainedModel):
             )
         if pixel_values.shape[-2] % 32 or pixel_values.shape[-1] % 32:
             raise ValueError(f"Height and width must be multiples of 32, got {tuple(pixel_values.shape[-2:])}")
-        features = [self.stem(pixel_values)]
-        for block in self.down_blocks:
-            features.append(block(features[-1]))
+        if self.encoder is not None:
+            features = self.encoder(pixel_values)
+        else:
+            features = [self.stem(pixel_values)]
+            for block in self.down_blocks:
+                features.append(block(features[-1]))
         x = features[4]
         for block, skip in zip(self.up_blocks, (features[3], features[2], features[1], features[0])):
             x = block(x, skip)
-        output = STPNetSegmentationOutput(logits=self.head(x))
+        logits = self.head(x)
+        if logits.shape[-2:] != pixel_values.shape[-2:]:  # a backbone's shallowest map is at stride 2
+            logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+        output = STPNetSegmentationOutput(logits=logits)
         if labels is not None:
             self._add_loss(output, labels)
         if return_dict is False:

