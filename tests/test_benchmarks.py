@@ -103,8 +103,10 @@ def test_speed_channels_last_converts_models_and_inputs(tmp_path: Path) -> None:
 
 def test_quality_settings_pick_the_recipe(tmp_path: Path) -> None:
     """small: the CPU recipe on stpnet-tiny; full: the paper's GPU recipe on the preset it names."""
+    presets = common.preset_configs(["stpnet-tiny", "stpnet-small", "stpnet-mobilenetv2"])
+    tiny, small_preset = presets["stpnet-tiny"], presets["stpnet-small"]
     small = quality.parse_args(["--runs-dir", str(tmp_path)])
-    name, run_dir, config = quality.row_config(small, "qata-cov19", "no-ssa", 1, 16)
+    name, run_dir, config = quality.row_config(small, "qata-cov19", "no-ssa", 1, tiny)
     assert small.preset == "stpnet-tiny" and name == "stpnet-tiny-no-ssa"
     assert run_dir == tmp_path / "small" / "qata-cov19" / "stpnet-tiny-no-ssa-seed1"
     assert (config.data.image_size, config.train.max_steps, config.train.optimizer) == (128, 150, "adamw")
@@ -112,15 +114,15 @@ def test_quality_settings_pick_the_recipe(tmp_path: Path) -> None:
 
     full = quality.parse_args(["--settings", "full", "--runs-dir", str(tmp_path), "--set", "train.batch_size=12"])
     assert full.preset == "stpnet-small"
-    name, _, config = quality.row_config(full, "kvasir-seg", "shared", 0, 32)
+    name, _, config = quality.row_config(full, "kvasir-seg", "shared", 0, small_preset)
     assert name == "stpnet-small-shared" and config.model.preset == "stpnet-small"
     assert (config.data.image_size, config.train.optimizer, config.train.scheduler) == (224, "adam", "cosine_restarts")
     assert config.train.early_stopping_patience == 100 and config.train.batch_size == 12
-    assert quality.row_config(full, "kvasir-seg", "unet", 0, 32)[0] == "unet-c32"
+    assert quality.row_config(full, "kvasir-seg", "unet", 0, small_preset)[0] == "unet-c32"
     assert quality.parse_args(["--settings", "full", "--preset", "stpnet-paper"]).preset == "stpnet-paper"
 
     cpu = quality.parse_args(["--settings", "cpu", "--runs-dir", str(tmp_path), "--datasets", "kvasir-seg"])
-    name, _, config = quality.row_config(cpu, "kvasir-seg", "unet", 0, 16)
+    name, _, config = quality.row_config(cpu, "kvasir-seg", "unet", 0, tiny)
     assert cpu.preset == "stpnet-tiny" and name == "unet-c16"
     assert (config.data.image_size, config.train.epochs, config.train.max_steps) == (128, 18, None)
 
@@ -129,11 +131,21 @@ def test_quality_settings_pick_the_recipe(tmp_path: Path) -> None:
     cpu = quality.parse_args(["--settings", "cpu", "--runs-dir", str(tmp_path), *extra])
     built = {}
     for variant in ("unet", "default"):
-        _, _, config = quality.row_config(cpu, "kvasir-seg", variant, 0, 16)
-        built[variant] = quality.row_model_config(variant, 16, config, load_repository(config))
+        _, _, config = quality.row_config(cpu, "kvasir-seg", variant, 0, tiny)
+        built[variant] = quality.row_model_config(variant, tiny, config, load_repository(config))
     assert built["unet"].one_channel_conv_init == built["default"].one_channel_conv_init == "fan_in"
     assert built["unet"].base_channels == 16 and not hasattr(built["unet"], "use_ssa")
     assert built["default"].use_ssa is False
+
+    # the pretrained recipes: the U-Net row takes the preset's backbone and decoder
+    pretrained = quality.parse_args(["--settings", "pretrained-cpu", "--runs-dir", str(tmp_path)])
+    mobilenet = presets["stpnet-mobilenetv2"]
+    name, _, config = quality.row_config(pretrained, "qata-cov19", "unet", 0, mobilenet)
+    assert pretrained.preset == "stpnet-mobilenetv2" and name == "unet-mobilenetv2"
+    assert (config.data.image_size, config.train.max_steps) == (128, 1000)
+    unet = quality.row_model_config("unet", mobilenet, config, load_repository(config))
+    for key in common.BACKBONE_FIELDS:
+        assert getattr(unet, key) == getattr(mobilenet, key), key
 
 
 def test_quality_smoke_writes_all_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,7 +24,10 @@ TRAIN_CONFIGS = sorted((REPO_ROOT / "configuration" / "train").glob("*.yaml"))
 @pytest.mark.parametrize("preset", sorted(p.stem for p in MODEL_PRESETS.glob("*.json")))
 def test_every_shipped_preset_loads(preset: str) -> None:
     expected = json.loads((MODEL_PRESETS / f"{preset}.json").read_text())
-    assert read_model_preset(preset).base_channels == expected["base_channels"]
+    config = read_model_preset(preset)
+    for key in ("base_channels", "backbone_config", "retrieval_backbone"):
+        if key in expected:
+            assert getattr(config, key) == expected[key], key
 
 
 def test_a_saved_checkpoint_config_loads_as_a_preset(tmp_path: Path) -> None:

@@ -404,9 +404,19 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_remote_code_in_a_clean_process(tmp_path: Path) -> None:
+# A MobileNetV2 (width 0.35) as the encoder and the retrieval network: the checkpoint must carry the backbone too.
+BACKBONE = {
+    "backbone_config": {"model_type": "mobilenet_v2", "depth_multiplier": 0.35, "tf_padding": False},
+    "backbone_kwargs": {"out_features": ["conv_stem", "layer.1", "layer.4", "layer.11", "conv_1x1"]},
+    "decoder_channels": [32, 16, 16, 8],
+    "retrieval_backbone": "backbone",
+}
+
+
+@pytest.mark.parametrize("encoder", ["paper", "backbone"])
+def test_remote_code_in_a_clean_process(tmp_path: Path, encoder: str) -> None:
     ckpt = tmp_path / "checkpoint"
-    model = build().eval()
+    model = build(**(BACKBONE if encoder == "backbone" else {})).eval()
     model.save_pretrained(ckpt)
     STPNetImageProcessor(size={"height": 128, "width": 128}).save_pretrained(ckpt)
     x = torch.randn(1, 3, 128, 128)
