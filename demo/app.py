@@ -28,6 +28,11 @@ for _root in (HERE, HERE.parent):
             sys.path.insert(0, str(_root))
         break
 
+from modeling_stpnet.extras import DEMO_MODULES, exit_unless_installed  # noqa: E402
+
+if __name__ == "__main__":  # the install line instead of an import traceback
+    exit_unless_installed("demo/app.py", "demo", DEMO_MODULES)
+
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job: train stpnet-tiny on the bundled Kvasir-SEG sample, evaluate it on the sample's test split,
 # and write the model card folder, all under outputs/sample-tiny/ (a few minutes on 2 CPU cores, offline).
-#   bash scripts/main.sh                    # set up .venv (extras "train"), then train + evaluate + card
+#   bash scripts/main.sh                    # set up .venv (extras train, demo, export), then train + evaluate + card
 #   STPNET_SKIP_SETUP=1 bash scripts/main.sh   # reuse an existing .venv as is
 #   bash scripts/main.sh --set train.epochs=5  # extra arguments go to hub_scripts/train.py
 # A rerun replaces the previous run in outputs/sample-tiny/: train.py and evaluate.py get --overwrite (each removes
@@ -9,7 +9,8 @@
 # training instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "${STPNET_SKIP_SETUP:-0}" = 1 ] || bash scripts/setup_env.sh train
+# demo and export too: the README's next steps (the demo, ONNX export) must run in this .venv as written.
+[ "${STPNET_SKIP_SETUP:-0}" = 1 ] || bash scripts/setup_env.sh train,demo,export
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 out=outputs/sample-tiny
 start=$(date +%s)
