@@ -301,7 +301,11 @@ def build_demo(checkpoint: str | None = None, lock_checkpoint: bool | None = Non
             with gr.Column(scale=2):
                 with gr.Row():
                     overlay = gr.Image(
-                        label="Mask over the image", type="pil", format="png", height=360, elem_id="overlay"
+                        label="Predicted lesion (green) over the image",
+                        type="pil",
+                        format="png",
+                        height=360,
+                        elem_id="overlay",
                     )
                     with gr.Column():
                         mask = gr.File(label="Mask (PNG, 0/255)", elem_id="mask")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from runs import ROOT, SAMPLE_CONFIG, hub_script
 
 from modeling_stpnet import STPNetImageProcessor
@@ -25,6 +26,7 @@ from modeling_stpnet.metrics import (
     segmentation_scores,
 )
 from modeling_stpnet.training import build_stpnet_model, load_repository, load_train_config
+from modeling_stpnet.visualize import TRUTH_COLOUR
 
 
 def box(height: int, width: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
@@ -128,6 +130,11 @@ def test_evaluate_script_on_the_bundled_sample(tmp_path: Path) -> None:
     assert int(rows[0]["height"]) == 160  # scored at the stored mask's size, not the 64 px input
     overlays = sorted(p.name for p in (tmp_path / "eval" / "overlays").glob("*.png"))
     assert len(overlays) == 8 and overlays[0].startswith("best_01") and overlays[-1].startswith("worst_04")
+    # the one colour code: ground truth blue, prediction green, under titles with a colour legend
+    panel = np.asarray(Image.open(tmp_path / "eval" / "overlays" / overlays[0]).convert("RGB"))
+    colours = {tuple(c) for c in panel.reshape(-1, 3)}
+    assert TRUTH_COLOUR in colours and (255, 0, 0) not in colours and (0, 255, 0) not in colours
+    assert panel.shape[0] > 160 and (panel[0] == 255).all()  # a white title band above the 160 px images
 
     missing = subprocess.run(
         [sys.executable, str(ROOT / "hub_scripts" / "evaluate.py"), "--model", str(tmp_path), "--output-dir", "x"],

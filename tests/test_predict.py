@@ -29,7 +29,15 @@ from modeling_stpnet.predict import (
     prepare_image,
     resolve_checkpoint,
 )
-from modeling_stpnet.visualize import LESION_COLOUR, comparison_overlay, mask_boundary, overlay_mask, side_by_side
+from modeling_stpnet.visualize import (
+    LESION_COLOUR,
+    TRUTH_COLOUR,
+    comparison_overlay,
+    mask_boundary,
+    overlay_mask,
+    side_by_side,
+    titled,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGE = ROOT / "sample" / "kvasir-seg-mini" / "images" / "cju16jgnyzp970878melv7r25.jpg"
@@ -236,6 +244,8 @@ def test_overlays() -> None:
     assert compared[15, 25, 1] > compared[15, 25, 0]  # true positive: green
     assert compared[15, 33, 2] > compared[15, 33, 0]  # false negative: blue
     assert side_by_side([image, image.resize((20, 15))]).size == (40 + 4 + 40, 30)
+    labelled = titled(Image.new("RGB", (200, 160)), "ground truth", TRUTH_COLOUR)
+    assert labelled.width == 200 and labelled.height > 160 and TRUTH_COLOUR in set(labelled.getdata())
     with pytest.raises(ValueError, match="30x40"):
         overlay_mask(image, mask[:, :20])
 

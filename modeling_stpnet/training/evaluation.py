@@ -21,7 +21,6 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.io import mask_array
@@ -34,6 +33,7 @@ from ..metrics import (
     retrieval_accuracy,
     segmentation_scores,
 )
+from ..visualize import LESION_COLOUR, TRUTH_COLOUR, overlay_mask, side_by_side, titled
 from .data import EpochBatchSampler, SegmentationDataset, make_loader, model_inputs
 
 # What evaluate_split writes into its output folder, so that tools replacing an earlier evaluation (train.py and
@@ -232,7 +232,8 @@ def write_overlays(
     count: int,
     device: torch.device | str = "cpu",
 ) -> list[Path]:
-    """PNG panels (image | ground truth in green | prediction in red) of the ``count`` best and worst images."""
+    """Titled PNG panels (image | ground truth in blue | prediction in green, with its Dice) of the ``count`` best
+    and worst images, in the colour code of every other overlay (``visualize``)."""
     folder.mkdir(parents=True, exist_ok=True)
     order = np.argsort(dice, kind="stable")
     picks = [("worst", int(i)) for i in order[:count]] + [("best", int(i)) for i in order[::-1][:count]]
@@ -242,25 +243,18 @@ def write_overlays(
     written = []
     for rank, ((kind, index), predicted) in enumerate(zip(picks, masks)):
         row = split[index]
-        image = np.asarray(row["image"].convert("RGB"), dtype=np.float32)
-        target = mask_array(row["mask"])
-        panel = np.concatenate([image, _tint(image, target, (0, 255, 0)), _tint(image, predicted, (255, 0, 0))], 1)
+        image = row["image"].convert("RGB")
+        panel = side_by_side(
+            [
+                titled(image, "image"),
+                titled(overlay_mask(image, mask_array(row["mask"]), TRUTH_COLOUR), "ground truth", TRUTH_COLOUR),
+                titled(
+                    overlay_mask(image, predicted, LESION_COLOUR), f"prediction, Dice {dice[index]:.3f}", LESION_COLOUR
+                ),
+            ]
+        )
         position = rank + 1 if kind == "worst" else rank - min(count, len(order)) + 1
         path = folder / f"{kind}_{position:02d}_{names[index]}_dice{dice[index]:.3f}.png"
-        Image.fromarray(panel.clip(0, 255).astype(np.uint8)).save(path)
+        panel.save(path)
         written.append(path)
     return written
-
-
-def _tint(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
-    """The image with ``mask`` filled in ``colour`` at 45 % and its outline drawn solid."""
-    out = image.copy()
-    mask = mask.astype(bool)
-    out[mask] = 0.55 * out[mask] + 0.45 * np.asarray(colour, dtype=np.float32)
-    inner = mask.copy()
-    inner[1:, :] &= mask[:-1, :]
-    inner[:-1, :] &= mask[1:, :]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    out[mask & ~inner] = colour
-    return out
