@@ -118,13 +118,18 @@ def checkpoint_status(checkpoint: str | None) -> str:
     )
 
 
-def description_markdown(description: str | None, repository: str) -> str:
+def description_markdown(description: str | None, repository: str, retrieved: str | None = None) -> str:
+    """The description under "What the model sees"; where the mask's verdict (no lesion) replaced the retrieved
+    sentences, the verdict comes first and the sentences follow, marked as the retrieval network's alone."""
     if description is None:
         return "**This checkpoint has no text branch** (trained with `use_text=False`), so it retrieves no description."
-    return (
-        f"### What the model sees\n\n> {description}\n\n"
-        f"Retrieved by the model itself from its `{repository}` text repository (no text was given)."
-    )
+    source = f"Retrieved by the model itself from its `{repository}` text repository (no text was given)."
+    if retrieved is not None and retrieved != description:
+        source = (
+            f"The retrieval network, which always picks one sentence per category from its `{repository}` text "
+            f"repository, chose: *{retrieved}* The mask shows no such lesion, so that is not a finding."
+        )
+    return f"### What the model sees\n\n> {description}\n\n{source}"
 
 
 def description_bars(categories: Sequence[dict[str, Any]]) -> str:
@@ -199,6 +204,7 @@ def segment(file: str | None, checkpoint: str | None, threshold: float) -> tuple
         "checkpoint": predictor.name,
         "threshold": float(threshold),
         "description": prediction.description,
+        "retrieved_description": prediction.retrieved_description,
         "categories": prediction.categories,
         "lesion_pixels": prediction.lesion_pixels,
         "lesion_percent": round(prediction.lesion_percent, 4),
@@ -210,7 +216,9 @@ def segment(file: str | None, checkpoint: str | None, threshold: float) -> tuple
     return (
         display_overlay(prediction.image, prediction.mask),
         str(mask_path),
-        description_markdown(prediction.description, predictor.config.text_repository_name),
+        description_markdown(
+            prediction.description, predictor.config.text_repository_name, prediction.retrieved_description
+        ),
         description_bars(prediction.categories),
         measurements,
         details,

@@ -192,7 +192,9 @@ class _Writer:
         (output_dir / "masks").mkdir(parents=True, exist_ok=True)
         (output_dir / "overlays").mkdir(parents=True, exist_ok=True)
         self.used: set[str] = set()
+        # description: the mask's verdict first ("No lesion found..." for an empty mask), then what was retrieved
         columns = ["file", "mask", "overlay", "width", "height", "lesion_pixels", "lesion_percent", "description"]
+        columns += ["retrieved_description"] if categories else []
         columns += [c for name in categories for c in (name, f"{name}_probability")]
         columns += ["seconds", "notes"]
         self.handle = open(output_dir / "predictions.csv", "w", newline="", encoding="utf-8")
@@ -216,6 +218,8 @@ class _Writer:
             "seconds": f"{prediction.seconds:.4f}",
             "notes": "; ".join(prediction.notes),
         }
+        if prediction.retrieved_description is not None:
+            row["retrieved_description"] = prediction.retrieved_description
         for item in prediction.categories:
             row[item["category"]] = item["sentence"]
             row[f"{item['category']}_probability"] = f"{item['probability']:.4f}"
