@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..data.io import mask_array
 from ..image_processing_stpnet import STPNetImageProcessor
 from ..metrics import (
+    at_or_below_floor,
     dice_from_counts,
     iou_from_counts,
     majority_accuracy,
@@ -155,7 +156,8 @@ def evaluate_split(
     Returns the metrics: ``dice``, ``iou`` (per-image means at original resolution), ``micro_dice``,
     ``micro_iou``, ``num_images``, ``input_resolution`` (the same at the model's input size) and
     ``retrieval_accuracy`` (per category, or None for models without text or splits without labels) with
-    ``retrieval_majority_baseline`` beside it (always answering the split's most frequent entry).
+    ``retrieval_majority_baseline`` beside it (always answering the split's most frequent entry) and
+    ``retrieval_at_or_below_floor``: the categories (and ``"mean"``) whose accuracy does not beat that floor.
     """
     model = model.to(device)
     categories = text_categories_of(model, split)
@@ -175,10 +177,15 @@ def evaluate_split(
         "retrieval_majority_baseline": (
             majority_accuracy(pred["true"], categories) if pred["retrieved"] is not None else None
         ),
+        "retrieval_at_or_below_floor": None,
         "threshold": 0.5,
         "empty_mask_convention": "both empty: dice = iou = 1; one empty: 0",
         **(extra or {}),
     }
+    if metrics["retrieval_accuracy"] is not None:
+        metrics["retrieval_at_or_below_floor"] = at_or_below_floor(
+            metrics["retrieval_accuracy"], metrics["retrieval_majority_baseline"]
+        )
     if output_dir is not None:
         output = Path(output_dir)
         output.mkdir(parents=True, exist_ok=True)
@@ -188,6 +195,27 @@ def evaluate_split(
         if num_overlays > 0:
             write_overlays(model, processor, split, dice, output / "overlays", num_overlays, device)
     return metrics
+
+
+def retrieval_report(metrics: dict[str, Any]) -> list[str]:
+    """Console lines on retrieval: the accuracy per category with its majority-class floor, each one at or below
+    the floor marked, and a warning naming them; no lines for a model without text."""
+    accuracy, floor = metrics.get("retrieval_accuracy"), metrics.get("retrieval_majority_baseline") or {}
+    if not accuracy:
+        return []
+    flagged = at_or_below_floor(accuracy, floor)
+    pairs = ", ".join(
+        f"{c} {v:.3f} ({floor[c]:.3f}){' <= floor' if c in flagged else ''}"
+        for c, v in accuracy.items()
+        if v is not None and floor.get(c) is not None
+    )
+    lines = [f"retrieval accuracy (majority-class floor): {pairs}"]
+    if flagged:
+        lines.append(
+            f"warning: retrieval does not beat its majority-class floor for {', '.join(flagged)}: there the "
+            "retrieved sentence is no better than always giving the split's most frequent one"
+        )
+    return lines
 
 
 def _write_per_image(path: Path, split: datasets.Dataset, pred: dict[str, Any], categories: list[str]) -> None:
