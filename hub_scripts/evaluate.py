@@ -3,7 +3,7 @@
 
 Examples::
 
-    python hub_scripts/evaluate.py --model outputs/sample-tiny/best --output-dir outputs/sample-tiny/evaluation
+    python hub_scripts/evaluate.py --model outputs/sample-tiny/best --output-dir outputs/sample-tiny/tta --tta
     python hub_scripts/evaluate.py --model outputs/kvasir/best --dataset outputs/data/kvasir-seg --split test \
         --output-dir outputs/kvasir/test
 

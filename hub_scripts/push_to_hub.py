@@ -4,7 +4,7 @@
 Examples::
 
     python hub_scripts/push_to_hub.py --model outputs/sample-tiny/best \
-        --metrics outputs/sample-tiny/evaluation/metrics.json --dry-run outputs/sample-tiny/hub
+        --metrics outputs/sample-tiny/test/metrics.json --dry-run outputs/sample-tiny/hub
     python hub_scripts/push_to_hub.py --model outputs/kvasir/best --metrics outputs/kvasir/test/metrics.json \
         --repo-id me/stpnet-kvasir-seg          # needs a network and `hf auth login`
 
