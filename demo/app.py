@@ -342,6 +342,17 @@ def launch(demo: gr.Blocks, **kwargs: Any) -> tuple[Any, str, str]:
     return demo.launch(**kwargs)
 
 
+def launch_message(local_url: str, share_url: str | None, in_space: bool = False) -> str:
+    """What the console says once the app serves. It replaces Gradio's own lines, whose hint "set `share=True` in
+    `launch()`" points to code the user does not edit: here the option is ``--share``."""
+    lines = [f"* Running on local URL:  {local_url}"]
+    if share_url:
+        lines.append(f"* Public link (temporary):  {share_url}")
+    elif not in_space:
+        lines.append("* For a temporary public gradio.live link, start the app with --share.")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="STPNet lesion segmentation demo (Gradio)")
     parser.add_argument(
@@ -359,7 +370,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if resolve_device("auto").type == "cpu":  # a serving process: faster requests, memory stays at its peak
         keep_freed_memory()
     demo = build_demo(args.checkpoint, lock_checkpoint=args.lock_checkpoint or None)
-    launch(demo, server_name=args.host, server_port=args.port, share=args.share)
+    # quiet: Gradio's own start-up lines are replaced by launch_message (same URL, our option's name)
+    _, local_url, share_url = launch(
+        demo, server_name=args.host, server_port=args.port, share=args.share, quiet=True, prevent_thread_lock=True
+    )
+    print(launch_message(local_url, share_url, in_space=bool(os.environ.get("SPACE_ID"))), flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":
