@@ -266,6 +266,14 @@ def run(
         if not bar.disable:  # live news for long runs; the full list is printed at the end anyway
             bar.write(f"skipped {name}: {reason}", file=sys.stderr)
 
+    def note(name: str, text: str) -> None:
+        # e.g. a downscaled input: the mask and areas then refer to the smaller image, which the user must know
+        message = f"note: {name}: {text}"
+        if bar.disable:
+            print(message, file=sys.stderr)
+        else:
+            bar.write(message, file=sys.stderr)
+
     def flush(batch: list[tuple[Path, PreparedImage]]) -> None:
         nonlocal processed
         try:
@@ -279,6 +287,8 @@ def run(
                 bar.update(1)
             return
         for (path, prepared), prediction in zip(batch, predictions):
+            for text in prepared.notes:
+                note(str(path), text)
             prediction.notes = prepared.notes + prediction.notes
             writer.write(path, prediction)
             processed += 1
@@ -372,6 +382,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputDirError as error:
         print(f"stpnet-predict: {error}", file=sys.stderr)
         return 2
+    # Likewise the inputs: when none can be used, say so before loading the model or creating the output folder.
+    files, unusable = collect_inputs(args.inputs, args.recursive, exclude=result_paths(args.output_dir))
+    if not files:
+        reasons = "\n".join(f"  {name}: {reason}" for name, reason in unusable)
+        print(f"stpnet-predict: nothing to process; nothing was written:\n{reasons}", file=sys.stderr)
+        return 1
     name = resolve_checkpoint(args.model)
     try:
         predictor = load_predictor(name, device=args.device)

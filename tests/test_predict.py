@@ -166,6 +166,26 @@ def test_cli_missing_checkpoint_explains(tmp_path: Path, capsys: pytest.CaptureF
     assert "No STPNet checkpoint" in err and "scripts/main.sh" in err and "STPNET_CHECKPOINT" in err
 
 
+def test_cli_checks_inputs_before_loading_the_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    code = main(
+        ["--model", str(tmp_path / "no" / "checkpoint"), str(tmp_path / "missing.png"), "--output-dir", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and not out.exists()  # nothing written, and the (missing) model never loaded
+    assert "missing.png: not found" in err and "No STPNet checkpoint" not in err
+
+
+def test_cli_says_on_the_console_that_an_input_was_downscaled(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    image = tmp_path / "big.png"
+    Image.new("RGB", (300, 200), (150, 60, 50)).save(image)
+    out = str(tmp_path / "out")
+    assert main(["--model", str(checkpoint), str(image), "--output-dir", out, "--max-pixels", "16384"]) == 0
+    assert f"note: {image}: downscaled from 300x200 to " in capsys.readouterr().err
+
+
 def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as raised:
         main(["--threshold", "1.5", str(SAMPLE_IMAGE)])
