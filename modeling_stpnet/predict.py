@@ -348,7 +348,7 @@ def prepare_image(
         new_size = (max(MIN_SIDE, int(width * scale)), max(MIN_SIDE, int(height * scale)))
         image = image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
         notes.append(
-            f"downscaled from {width}x{height} to {new_size[0]}x{new_size[1]} pixels (limit {max_pixels / 1e6:.1f} "
+            f"downscaled from {width}x{height} to {new_size[0]}x{new_size[1]} pixels (limit {max_pixels / 1e6:.2g} "
             "megapixels); the mask and areas refer to the downscaled image"
         )
     return PreparedImage(image=image, original_size=(width, height), notes=notes)
