@@ -266,14 +266,6 @@ def run(
         if not bar.disable:  # live news for long runs; the full list is printed at the end anyway
             bar.write(f"skipped {name}: {reason}", file=sys.stderr)
 
-    def note(name: str, text: str) -> None:
-        # e.g. a downscaled input: the mask and areas then refer to the smaller image, which the user must know
-        message = f"note: {name}: {text}"
-        if bar.disable:
-            print(message, file=sys.stderr)
-        else:
-            bar.write(message, file=sys.stderr)
-
     def flush(batch: list[tuple[Path, PreparedImage]]) -> None:
         nonlocal processed
         try:
@@ -287,8 +279,8 @@ def run(
                 bar.update(1)
             return
         for (path, prepared), prediction in zip(batch, predictions):
-            for text in prepared.notes:
-                note(str(path), text)
+            for text in prepared.notes:  # e.g. downscaled: the mask and areas refer to the smaller image
+                bar.write(f"note: {path}: {text}", file=sys.stderr)  # tqdm.write prints with or without a bar
             prediction.notes = prepared.notes + prediction.notes
             writer.write(path, prediction)
             processed += 1
