@@ -28,6 +28,11 @@ for _root in (HERE, HERE.parent):
             sys.path.insert(0, str(_root))
         break
 
+from modeling_stpnet.extras import DEMO_MODULES, exit_unless_installed  # noqa: E402
+
+if __name__ == "__main__":  # the install line instead of an import traceback
+    exit_unless_installed("demo/app.py", "demo", DEMO_MODULES)
+
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -113,13 +118,18 @@ def checkpoint_status(checkpoint: str | None) -> str:
     )
 
 
-def description_markdown(description: str | None, repository: str) -> str:
+def description_markdown(description: str | None, repository: str, retrieved: str | None = None) -> str:
+    """The description under "What the model sees"; where the mask's verdict (no lesion) replaced the retrieved
+    sentences, the verdict comes first and the sentences follow, marked as the retrieval network's alone."""
     if description is None:
         return "**This checkpoint has no text branch** (trained with `use_text=False`), so it retrieves no description."
-    return (
-        f"### What the model sees\n\n> {description}\n\n"
-        f"Retrieved by the model itself from its `{repository}` text repository (no text was given)."
-    )
+    source = f"Retrieved by the model itself from its `{repository}` text repository (no text was given)."
+    if retrieved is not None and retrieved != description:
+        source = (
+            f"The retrieval network, which always picks one sentence per category from its `{repository}` text "
+            f"repository, chose: *{retrieved}* The mask shows no such lesion, so that is not a finding."
+        )
+    return f"### What the model sees\n\n> {description}\n\n{source}"
 
 
 def description_bars(categories: Sequence[dict[str, Any]]) -> str:
@@ -194,6 +204,7 @@ def segment(file: str | None, checkpoint: str | None, threshold: float) -> tuple
         "checkpoint": predictor.name,
         "threshold": float(threshold),
         "description": prediction.description,
+        "retrieved_description": prediction.retrieved_description,
         "categories": prediction.categories,
         "lesion_pixels": prediction.lesion_pixels,
         "lesion_percent": round(prediction.lesion_percent, 4),
@@ -205,7 +216,9 @@ def segment(file: str | None, checkpoint: str | None, threshold: float) -> tuple
     return (
         display_overlay(prediction.image, prediction.mask),
         str(mask_path),
-        description_markdown(prediction.description, predictor.config.text_repository_name),
+        description_markdown(
+            prediction.description, predictor.config.text_repository_name, prediction.retrieved_description
+        ),
         description_bars(prediction.categories),
         measurements,
         details,
@@ -296,7 +309,11 @@ def build_demo(checkpoint: str | None = None, lock_checkpoint: bool | None = Non
             with gr.Column(scale=2):
                 with gr.Row():
                     overlay = gr.Image(
-                        label="Mask over the image", type="pil", format="png", height=360, elem_id="overlay"
+                        label="Predicted lesion (green) over the image",
+                        type="pil",
+                        format="png",
+                        height=360,
+                        elem_id="overlay",
                     )
                     with gr.Column():
                         mask = gr.File(label="Mask (PNG, 0/255)", elem_id="mask")
@@ -325,6 +342,17 @@ def launch(demo: gr.Blocks, **kwargs: Any) -> tuple[Any, str, str]:
     return demo.launch(**kwargs)
 
 
+def launch_message(local_url: str, share_url: str | None, in_space: bool = False) -> str:
+    """What the console says once the app serves. It replaces Gradio's own lines, whose hint "set `share=True` in
+    `launch()`" points to code the user does not edit: here the option is ``--share``."""
+    lines = [f"* Running on local URL:  {local_url}"]
+    if share_url:
+        lines.append(f"* Public link (temporary):  {share_url}")
+    elif not in_space:
+        lines.append("* For a temporary public gradio.live link, start the app with --share.")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="STPNet lesion segmentation demo (Gradio)")
     parser.add_argument(
@@ -342,7 +370,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if resolve_device("auto").type == "cpu":  # a serving process: faster requests, memory stays at its peak
         keep_freed_memory()
     demo = build_demo(args.checkpoint, lock_checkpoint=args.lock_checkpoint or None)
-    launch(demo, server_name=args.host, server_port=args.port, share=args.share)
+    # quiet: Gradio's own start-up lines are replaced by launch_message (same URL, our option's name)
+    _, local_url, share_url = launch(
+        demo, server_name=args.host, server_port=args.port, share=args.share, quiet=True, prevent_thread_lock=True
+    )
+    print(launch_message(local_url, share_url, in_space=bool(os.environ.get("SPACE_ID"))), flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

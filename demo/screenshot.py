@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Flags for a sandbox-less container without GPU or network (see shared/docs/ecosystem.md).
+# Flags for a sandbox-less container without GPU or network.
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",

@@ -3,7 +3,7 @@
 
 Examples::
 
-    python hub_scripts/evaluate.py --model outputs/sample-tiny/best --output-dir outputs/sample-tiny/evaluation
+    python hub_scripts/evaluate.py --model outputs/sample-tiny/best --output-dir outputs/sample-tiny/tta --tta
     python hub_scripts/evaluate.py --model outputs/kvasir/best --dataset outputs/data/kvasir-seg --split test \
         --output-dir outputs/kvasir/test
 
@@ -29,10 +29,20 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 else:
     sys.path.insert(0, str(ROOT))
 
+from modeling_stpnet.extras import TRAIN_MODULES, exit_unless_installed  # noqa: E402
+
+if __name__ == "__main__":  # the install line instead of an import traceback
+    exit_unless_installed("hub_scripts/evaluate.py", "train", TRAIN_MODULES)
+
 from modeling_stpnet.data import DataError, load_stpnet_dataset  # noqa: E402
 from modeling_stpnet.data.io import blocking_file  # noqa: E402
 from modeling_stpnet.predict import CheckpointError, FlipAveraged, load_checkpoint  # noqa: E402
-from modeling_stpnet.training.evaluation import EVALUATION_FILES, OVERLAY_FILE, evaluate_split  # noqa: E402
+from modeling_stpnet.training.evaluation import (  # noqa: E402
+    EVALUATION_FILES,
+    OVERLAY_FILE,
+    evaluate_split,
+    retrieval_report,
+)
 
 DEFAULT_DATASET = ROOT / "sample" / "kvasir-seg-mini"
 
@@ -179,10 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = {k: metrics[k] for k in ("dice", "iou", "micro_dice", "micro_iou", "num_images")}
     print(json.dumps({"split": args.split, **summary, "input_resolution_dice": metrics["input_resolution"]["dice"]}))
-    accuracy, floor = metrics["retrieval_accuracy"], metrics["retrieval_majority_baseline"]
-    if accuracy:
-        pairs = ", ".join(f"{c} {v:.3f} ({floor[c]:.3f})" for c, v in accuracy.items() if v is not None)
-        print(f"retrieval accuracy (majority-class baseline): {pairs}")
+    for line in retrieval_report(metrics):
+        print(line)
     print(f"written: {args.output_dir / 'metrics.json'}, per_image.csv, overlays/")
     return 0
 

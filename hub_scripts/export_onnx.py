@@ -17,11 +17,15 @@ a fixed random tensor) and prints the max abs logit difference and the mask agre
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import math
 import os
 import sys
 import time
 import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from modeling_stpnet import STPNetImageProcessor  # noqa: E402
+from modeling_stpnet.extras import EXPORT_MODULES, exit_unless_installed  # noqa: E402
 from modeling_stpnet.predict import CheckpointError, load_checkpoint  # noqa: E402
 
 DEFAULT_OPSET = 18
@@ -65,6 +70,26 @@ def output_names(model: nn.Module) -> list[str]:
     return ["logits", *(f"retrieval_logits_{c}" for c in model.config.text_categories), "retrieved_indices"]
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hides two messages of torch's exporter that nobody can act on and that bury the real ones: "torchvision is not
+    installed. Skipping torchvision::nms" (four times; torchvision is left out on purpose, it breaks the CPU torch
+    build, and STPNet uses none of its operators) and a ``FutureWarning`` about ``LeafSpec`` that torch's own pytree
+    code triggers. Every other warning and error still shows."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+
+    def no_torchvision(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("torchvision is not installed")
+
+    logger.addFilter(no_torchvision)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(no_torchvision)
+
+
 def _dynamo_shapes() -> dict[str, Any]:
     # The model checks that H and W are multiples of 32, so the symbolic sizes are declared as 32 * n.
     dim = torch.export.Dim
@@ -88,17 +113,18 @@ def export(
     for kind in ["dynamo", "torchscript"] if exporter == "auto" else [exporter]:
         try:
             if kind == "dynamo":
-                program = torch.onnx.export(
-                    wrapper,
-                    (sample,),
-                    dynamo=True,
-                    input_names=["pixel_values"],
-                    output_names=names,
-                    opset_version=opset,
-                    dynamic_shapes=_dynamo_shapes() if dynamic else None,
-                    external_data=False,
-                    verbose=False,
-                )
+                with _quiet_exporter():
+                    program = torch.onnx.export(
+                        wrapper,
+                        (sample,),
+                        dynamo=True,
+                        input_names=["pixel_values"],
+                        output_names=names,
+                        opset_version=opset,
+                        dynamic_shapes=_dynamo_shapes() if dynamic else None,
+                        external_data=False,
+                        verbose=False,
+                    )
                 program.save(str(output))
             else:
                 axes = {"pixel_values": {0: "batch", 2: "height", 3: "width"}} if dynamic else None
@@ -219,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--tolerance", type=float, default=1e-4, help="accepted max abs logit difference, relative to max(1, |logits|)"
     )
     args = parser.parse_args(argv)
+    # Before the checkpoint loads: without onnxscript the dynamo exporter fails only after the model is traced.
+    exit_unless_installed("hub_scripts/export_onnx.py", "export", EXPORT_MODULES)
 
     output = Path(args.output)
     if output.is_dir():

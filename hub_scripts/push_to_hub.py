@@ -4,7 +4,7 @@
 Examples::
 
     python hub_scripts/push_to_hub.py --model outputs/sample-tiny/best \
-        --metrics outputs/sample-tiny/evaluation/metrics.json --dry-run outputs/sample-tiny/hub
+        --metrics outputs/sample-tiny/test/metrics.json --dry-run outputs/sample-tiny/hub
     python hub_scripts/push_to_hub.py --model outputs/kvasir/best --metrics outputs/kvasir/test/metrics.json \
         --repo-id me/stpnet-kvasir-seg          # needs a network and `hf auth login`
 
@@ -27,13 +27,10 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-import yaml
-from safetensors import safe_open
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from modeling_stpnet.messages import first_few  # noqa: E402
-from modeling_stpnet.predict import is_hub_id  # noqa: E402
+from modeling_stpnet.model_card import card_values  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "model_card.md"
@@ -49,27 +46,6 @@ CHECKPOINT_FILES = (
     "selection.json",
     "generation_config.json",
 )
-
-DATASETS = {
-    "kvasir-seg": {
-        "name": "Kvasir-SEG",
-        "origin": "built automatically from the masks (count, size, horizontal and vertical position)",
-        "citation": "Kvasir-SEG: D. Jha, P. H. Smedsrud, M. A. Riegler, P. Halvorsen, T. de Lange, D. Johansen, H. D. "
-        'Johansen. "Kvasir-SEG: A Segmented Polyp Dataset." MultiMedia Modeling (MMM) 2020, LNCS 11962, pp. 451-462. '
-        "Open access for research and education; commercial use needs the owners' permission (Simula).",
-    },
-    "qata-cov19": {
-        "name": "QaTa-COV19",
-        "origin": "derived from the LViT/SGSeg text annotations (laterality, count, left and right lung zones)",
-        "citation": "QaTa-COV19: Degerli et al., ICIP 2022 and Health Inf. Sci. Syst. 2021 (Qatar University, Tampere "
-        "University). Text annotations: Li et al., LViT, IEEE TMI 2023; Ye et al., SGSeg, MICCAI 2024.",
-    },
-    "mosmeddata-plus": {
-        "name": "MosMedData+",
-        "origin": "derived from the LViT text annotations",
-        "citation": "MosMedData+: Morozov et al., 2020; text annotations: Li et al., LViT, IEEE TMI 2023.",
-    },
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,100 +74,6 @@ def find_metrics(model_dir: Path, given: Path | None) -> dict[str, Any]:
     )
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
-
-
-def card_values(model_dir: Path, metrics: dict[str, Any], repo_id: str) -> dict[str, str]:
-    """The template's fields from the checkpoint's config, its training config and the metrics."""
-    config = json.loads((model_dir / "config.json").read_text())
-    train_path = model_dir / "train_config.yaml"
-    train = yaml.safe_load(train_path.read_text()) if train_path.is_file() else {}
-    with safe_open(str(model_dir / "model.safetensors"), "pt") as handle:
-        # parameters only: the stored text embeddings and BatchNorm statistics are buffers
-        parameters = sum(_numel(handle.get_slice(k).get_shape()) for k in handle.keys() if not _is_buffer(k))
-    repository = config.get("text_repository_name", "custom")
-    known = DATASETS.get(repository, {"name": repository, "origin": "user-defined", "citation": ""})
-    split = metrics.get("split", "test")
-    retrieval = (metrics.get("retrieval_accuracy") or {}).get("mean")
-    data, optim = train.get("data", {}), train.get("train", {})
-    length = f"{optim['max_steps']} steps" if optim.get("max_steps") else f"{optim.get('epochs', '?')} epochs"
-    init_from = (train.get("model") or {}).get("init_from")
-    training = (
-        (f"fine-tuned from `{init_from}`; " if init_from else "")
-        + f"{optim.get('optimizer', '?')} lr {optim.get('lr', '?')} ({optim.get('scheduler', '?')} schedule), batch "
-        f"{optim.get('batch_size', '?')}, {length}, seed {optim.get('seed', '?')}, augmentation "
-        f"{'on' if train.get('augment', {}).get('enabled') else 'off'}; full config in `train_config.yaml`."
-        if train
-        else "see the training configuration that came with this checkpoint."
-    )
-    return {
-        "model_name": repo_id.split("/")[-1],
-        "repo_id": repo_id,
-        # Hub metadata for the fine-tuning lineage; a local folder is no model id the Hub could link to
-        "base_model": f"base_model: {init_from}\n" if init_from and is_hub_id(str(init_from)) else "",
-        "dataset_id": repository,
-        "dataset_name": known["name"],
-        "split": split,
-        "dice": _fmt(metrics.get("dice")),
-        "iou": _fmt(metrics.get("iou")),
-        "micro_dice": _fmt(metrics.get("micro_dice")),
-        "micro_iou": _fmt(metrics.get("micro_iou")),
-        "input_dice": _fmt((metrics.get("input_resolution") or {}).get("dice")),
-        "retrieval_mean": _fmt(retrieval),
-        "num_images": str(metrics.get("num_images", "?")),
-        "results_note": results_note(data if train else None, split),
-        "base_channels": str(config.get("base_channels")),
-        "retrieval_backbone": str(config.get("retrieval_backbone")),
-        "num_parameters": f"{parameters / 1e6:.2f}",
-        "image_size": str(config.get("image_size")),
-        "repository_name": repository,
-        "num_categories": str(len(config.get("text_categories", []))),
-        "categories": ", ".join(config.get("text_categories", [])),
-        "text_encoder": str(config.get("text_encoder_name_or_path")),
-        "repository_origin": known["origin"],
-        "data_description": _data_description(data, metrics, split),
-        "training_summary": training,
-        "dataset_citation": known["citation"],
-    }
-
-
-def results_note(data: dict[str, Any] | None, split: str) -> str:
-    """Whether the reported split also selected the checkpoint, from the training config's data section (None when
-    the checkpoint came without ``train_config.yaml``). A run that carves its selection split out of train
-    (``validation_from_train`` > 0, as the QaTa-COV19 recipes do) never selects on the dataset's validation split."""
-    if data is None:
-        return "How the checkpoint was selected is not recorded (no `train_config.yaml`)."
-    if not data.get("validation_from_train") and split == data.get("validation_split", "validation"):
-        return (
-            f"Split `{split}` was also used to select the checkpoint, so these numbers are optimistic; evaluate on "
-            "a split the run never saw for an unbiased estimate."
-        )
-    return f"Split `{split}` was never used for selection or early stopping."
-
-
-def _data_description(data: dict[str, Any], metrics: dict[str, Any], split: str) -> str:
-    carved = data.get("validation_from_train")
-    selection = f"a {carved:.0%} seeded carve of train" if carved else f"split `{data.get('validation_split', '?')}`"
-    return (
-        f"Dataset `{data.get('dataset', metrics.get('dataset', '?'))}`: trained on split "
-        f"`{data.get('train_split', 'train')}`, checkpoint selected on {selection}, evaluated on split `{split}` of "
-        f"`{metrics.get('dataset', '?')}`."
-    )
-
-
-def _numel(shape: list[int]) -> int:
-    total = 1
-    for n in shape:
-        total *= int(n)
-    return total
-
-
-def _is_buffer(name: str) -> bool:
-    leaf = name.split(".")[-1]
-    return leaf.startswith("text_embeddings_") or leaf in ("running_mean", "running_var", "num_batches_tracked")
-
-
 def require_checkpoint(model_dir: Path) -> None:
     missing = [name for name in REQUIRED if not (model_dir / name).is_file()]
     if missing:
@@ -213,8 +95,9 @@ def build_folder(model_dir: Path, metrics: dict[str, Any], repo_id: str, folder:
 
 def is_model_card(path: Path) -> bool:
     """Whether ``path`` is a README.md this script filled from ``model_card.md``: its front matter has the template's
-    ``stpnet`` tag and ``model-index``. A user's own README (notes, a training checkpoint's) has neither. Matched as
-    lines, not parsed, so a card whose filled-in names happen to be invalid YAML is still recognised."""
+    ``stpnet`` tag and ``library_name: transformers`` (a card of a run on the bundled sample has no ``model-index``).
+    A user's own README (notes, a training checkpoint's) has no such front matter. Matched as lines, not parsed, so a
+    card whose filled-in names happen to be invalid YAML is still recognised."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
@@ -223,7 +106,7 @@ def is_model_card(path: Path) -> bool:
     if not text.startswith("---\n") or not sep:
         return False
     lines = [line.rstrip() for line in head.splitlines()]
-    return "- stpnet" in lines and "model-index:" in lines
+    return "- stpnet" in lines and "library_name: transformers" in lines
 
 
 def _is_metrics_file(path: Path) -> bool:

@@ -26,6 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from modeling_stpnet.extras import TRAIN_MODULES, exit_unless_installed  # noqa: E402
+
+if __name__ == "__main__":  # the install line instead of an import traceback
+    exit_unless_installed("hub_scripts/train.py", "train", TRAIN_MODULES)
+
 from modeling_stpnet.training import (  # noqa: E402
     ConfigError,
     apply_overrides,
@@ -33,6 +38,7 @@ from modeling_stpnet.training import (  # noqa: E402
     read_config_file,
     run_training,
 )
+from modeling_stpnet.training.evaluation import retrieval_report  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,10 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not result["is_main_process"]:
         return 0
-    print(f"best validation Dice {result['best_val_dice']:.4f} (step {result['best_step']}): {result['best_dir']}")
+    # the best validation Dice was printed by the run itself; here only the test split's scores are new
     if result["test_metrics"]:
         m = result["test_metrics"]
-        print(f"test ({config.data.test_split}): Dice {m['dice']:.4f}, IoU {m['iou']:.4f}")
+        folder = Path(result["output_dir"]) / "test"
+        print(f"test ({config.data.test_split}, {m['num_images']} images): Dice {m['dice']:.4f}, IoU {m['iou']:.4f}")
+        for line in retrieval_report(m):
+            print(line)
+        print(f"written: {folder / 'metrics.json'}, per_image.csv, overlays/")
     return 0
 
 

@@ -12,6 +12,9 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 MIN_SIDE = 8
+# What post_process_description says when the mask is empty: the retrieval network always picks a sentence per
+# category ("one polyp, small polyp, ..."), and a description of a lesion the mask does not show would contradict it.
+NO_LESION_DESCRIPTION = "No lesion found: the predicted mask is empty."
 ACCEPTED = (
     "PIL images (RGB, L, LA, RGBA, P, PA, 1, I;16, I, F, and CMYK, YCbCr, HSV, LAB converted to RGB), numpy arrays "
     "or torch tensors shaped (H, W), (H, W, C) or (C, H, W) with C in {1, 3, 4}, of dtype uint8, uint16, bool, "
@@ -326,20 +329,29 @@ class STPNetImageProcessor(BaseImageProcessor):
             masks.append((torch.sigmoid(item[0, 0]) > threshold).long())
         return masks
 
-    def post_process_description(self, outputs: Any, config: Any) -> list[dict[str, Any]]:
-        """What the model sees: per image, the retrieved sentence and its probability per category.
+    def post_process_description(
+        self, outputs: Any, config: Any, masks: list[Any] | None = None, threshold: float = 0.5
+    ) -> list[dict[str, Any]]:
+        """What the model sees: per image, the retrieved sentence and its probability per category, and the mask's
+        verdict first: where the predicted mask is empty the description says that no lesion was found.
 
         Args:
-            outputs: model outputs with `retrieval_logits`.
+            outputs: model outputs with `retrieval_logits` (and `logits`, for the verdict).
             config: the model's `STPNetConfig` (it holds the repository's sentences).
+            masks: the masks of `post_process_semantic_segmentation`, when the verdict must follow them exactly
+                (e.g. after resizing); by default the logits at the model's resolution, thresholded at `threshold`.
+            threshold: the lesion probability threshold of the default verdict.
 
         Returns:
-            per image `{"description": str, "categories": [{"category", "index", "sentence", "probability",
-            "probabilities": {sentence: p}}]}`.
+            per image `{"description": str, "retrieved_description": str, "lesion_found": bool or None,
+            "categories": [{"category", "index", "sentence", "probability", "probabilities": {sentence: p}}]}`:
+            `description` is `NO_LESION_DESCRIPTION` where the mask is empty, else the retrieved sentences joined
+            (`retrieved_description`, always given); `lesion_found` is None for outputs without `logits`.
         """
         retrieval = outputs.retrieval_logits if hasattr(outputs, "retrieval_logits") else outputs["retrieval_logits"]
         if retrieval is None:
             raise ValueError("These outputs carry no retrieval logits (a model built with use_text=False)")
+        found = self._lesion_found(outputs, masks, threshold, len(retrieval[0]))
         probs = [r.float().softmax(-1).cpu() for r in retrieval]
         results = []
         for b in range(len(probs[0])):
@@ -355,8 +367,27 @@ class STPNetImageProcessor(BaseImageProcessor):
                     "probabilities": {s: float(v) for s, v in zip(sentences, p[b])},
                 })  # fmt: skip
             template = config.text_description_template or ", ".join("{" + c + "}" for c in chosen) + "."
-            results.append({"description": template.format(**chosen), "categories": categories})
+            retrieved = template.format(**chosen)
+            results.append({
+                "description": NO_LESION_DESCRIPTION if found[b] is False else retrieved,
+                "retrieved_description": retrieved,
+                "lesion_found": found[b],
+                "categories": categories,
+            })  # fmt: skip
         return results
+
+    @staticmethod
+    def _lesion_found(outputs: Any, masks: list[Any] | None, threshold: float, count: int) -> list[bool | None]:
+        """Per image, whether the predicted mask has any lesion pixel (None where the outputs carry no logits)."""
+        if masks is not None:
+            if len(masks) != count:
+                raise ValueError(f"Got {count} predictions but {len(masks)} masks")
+            return [bool(torch.as_tensor(np.asarray(m)).any()) for m in masks]
+        logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+        if logits is None:
+            return [None] * count
+        # Bilinear resizing never exceeds the largest logit, so a mask empty here is empty at every target size.
+        return [bool((torch.sigmoid(item.float()) > threshold).any()) for item in logits]
 
 
 STPNetImageProcessor.register_for_auto_class("AutoImageProcessor")

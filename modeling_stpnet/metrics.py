@@ -135,3 +135,14 @@ def majority_accuracy(true_labels: Any, categories: Sequence[str] | None = None)
         if len(known):
             majority[:, k] = torch.bincount(known).argmax()
     return retrieval_accuracy(majority, true_labels, categories)
+
+
+def at_or_below_floor(accuracy: dict[str, float | None], floor: dict[str, float | None]) -> list[str]:
+    """The keys of ``accuracy`` (categories, and ``"mean"``) whose retrieval accuracy does not beat the majority-class
+    floor of :func:`majority_accuracy`: there the model does no better than always giving the most frequent
+    sentence. Keys without a value on either side are left out."""
+    return [
+        name
+        for name, value in (accuracy or {}).items()
+        if value is not None and (floor or {}).get(name) is not None and value <= floor[name] + 1e-12
+    ]

@@ -348,7 +348,7 @@ def prepare_image(
         new_size = (max(MIN_SIDE, int(width * scale)), max(MIN_SIDE, int(height * scale)))
         image = image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
         notes.append(
-            f"downscaled from {width}x{height} to {new_size[0]}x{new_size[1]} pixels (limit {max_pixels / 1e6:.1f} "
+            f"downscaled from {width}x{height} to {new_size[0]}x{new_size[1]} pixels (limit {max_pixels / 1e6:.2g} "
             "megapixels); the mask and areas refer to the downscaled image"
         )
     return PreparedImage(image=image, original_size=(width, height), notes=notes)
@@ -374,10 +374,13 @@ class Prediction:
 
     image: Image.Image  # the RGB image the mask belongs to
     mask: np.ndarray  # (H, W) bool, True = lesion
-    description: str | None  # the retrieved sentences joined by the repository's template
+    # the mask's verdict first: NO_LESION_DESCRIPTION when the mask is empty, else the retrieved sentences joined by
+    # the repository's template; None for a checkpoint without text
+    description: str | None
     categories: list[dict[str, Any]]  # per category: category, sentence, probability, probabilities
     seconds: float  # inference time of this image (its share of the batch), model loading excluded
     notes: list[str] = field(default_factory=list)
+    retrieved_description: str | None = None  # the retrieved sentences, also when the mask is empty
 
     @property
     def lesion_pixels(self) -> int:
@@ -466,12 +469,19 @@ class STPNetPredictor:
             masks = self.processor.post_process_semantic_segmentation(outputs, target_sizes=sizes, threshold=threshold)
             masks = [m.cpu().numpy().astype(bool) for m in masks]
             if getattr(outputs, "retrieval_logits", None) is not None:
-                described = self.processor.post_process_description(outputs, self.model.config)
+                described = self.processor.post_process_description(outputs, self.model.config, masks=masks)
             else:  # a checkpoint trained without text (use_text=False) retrieves nothing
                 described = [{"description": None, "categories": []}] * len(images)
             seconds = (time.perf_counter() - start) / len(images)
         return [
-            Prediction(image=im, mask=m, description=d["description"], categories=d["categories"], seconds=seconds)
+            Prediction(
+                image=im,
+                mask=m,
+                description=d["description"],
+                categories=d["categories"],
+                seconds=seconds,
+                retrieved_description=d.get("retrieved_description"),
+            )
             for im, m, d in zip(images, masks, described)
         ]
 

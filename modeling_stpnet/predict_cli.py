@@ -192,7 +192,9 @@ class _Writer:
         (output_dir / "masks").mkdir(parents=True, exist_ok=True)
         (output_dir / "overlays").mkdir(parents=True, exist_ok=True)
         self.used: set[str] = set()
+        # description: the mask's verdict first ("No lesion found..." for an empty mask), then what was retrieved
         columns = ["file", "mask", "overlay", "width", "height", "lesion_pixels", "lesion_percent", "description"]
+        columns += ["retrieved_description"] if categories else []
         columns += [c for name in categories for c in (name, f"{name}_probability")]
         columns += ["seconds", "notes"]
         self.handle = open(output_dir / "predictions.csv", "w", newline="", encoding="utf-8")
@@ -216,6 +218,8 @@ class _Writer:
             "seconds": f"{prediction.seconds:.4f}",
             "notes": "; ".join(prediction.notes),
         }
+        if prediction.retrieved_description is not None:
+            row["retrieved_description"] = prediction.retrieved_description
         for item in prediction.categories:
             row[item["category"]] = item["sentence"]
             row[f"{item['category']}_probability"] = f"{item['probability']:.4f}"
@@ -275,6 +279,8 @@ def run(
                 bar.update(1)
             return
         for (path, prepared), prediction in zip(batch, predictions):
+            for text in prepared.notes:  # e.g. downscaled: the mask and areas refer to the smaller image
+                bar.write(f"note: {path}: {text}", file=sys.stderr)  # tqdm.write prints with or without a bar
             prediction.notes = prepared.notes + prediction.notes
             writer.write(path, prediction)
             processed += 1
@@ -368,6 +374,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputDirError as error:
         print(f"stpnet-predict: {error}", file=sys.stderr)
         return 2
+    # Likewise the inputs: when none can be used, say so before loading the model or creating the output folder.
+    files, unusable = collect_inputs(args.inputs, args.recursive, exclude=result_paths(args.output_dir))
+    if not files:
+        reasons = "\n".join(f"  {name}: {reason}" for name, reason in unusable)
+        print(f"stpnet-predict: nothing to process; nothing was written:\n{reasons}", file=sys.stderr)
+        return 1
     name = resolve_checkpoint(args.model)
     try:
         predictor = load_predictor(name, device=args.device)

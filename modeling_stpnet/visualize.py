@@ -1,17 +1,19 @@
 """Mask overlays: the one place STPNet draws masks on images (demo, ``stpnet-predict`` and evaluation).
 
-Pure numpy + PIL, so it works wherever the model does.
+One colour code everywhere: the **prediction is green** (``LESION_COLOUR``), the **ground truth blue**
+(``TRUTH_COLOUR``). Pure numpy + PIL, so it works wherever the model does.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-LESION_COLOUR = (0, 255, 128)  # spring green: stands out on red/pink endoscopy and on gray X-ray images alike
+LESION_COLOUR = (0, 255, 128)  # the prediction; spring green stands out on red/pink endoscopy and gray X-rays alike
+TRUTH_COLOUR = (40, 120, 255)  # the ground truth; blue, so that green always means "the model's mask"
 TRUE_POSITIVE = (40, 200, 70)
 FALSE_POSITIVE = (255, 72, 0)
-FALSE_NEGATIVE = (40, 120, 255)
+FALSE_NEGATIVE = TRUTH_COLOUR  # truth the prediction missed
 
 
 def mask_boundary(mask: np.ndarray, width: int = 1) -> np.ndarray:
@@ -109,4 +111,30 @@ def side_by_side(
     for im in scaled:
         canvas.paste(im, (x, 0))
         x += im.width + gap
+    return canvas
+
+
+def titled(
+    image: Image.Image, title: str, swatch: tuple[int, int, int] | None = None, font_size: int | None = None
+) -> Image.Image:
+    """The image under a white band holding ``title``, after a square of ``swatch`` when given (the legend of the
+    mask colour drawn in the image). The font scales with the image (at least 11 px) and shrinks, down to 8 px,
+    until the title fits the width."""
+    rgb = image.convert("RGB")
+    size = font_size or max(11, round(rgb.height / 14))
+    font = ImageFont.load_default(size=size)
+    box = size if swatch else 0
+    while size > 8 and box + size // 2 + font.getlength(title) > rgb.width - 4:
+        size -= 1
+        font, box = ImageFont.load_default(size=size), size if swatch else 0
+    band = size + size // 2 + 4
+    canvas = Image.new("RGB", (rgb.width, rgb.height + band), (255, 255, 255))
+    canvas.paste(rgb, (0, band))
+    draw = ImageDraw.Draw(canvas)
+    x = 2
+    if swatch:
+        top = (band - box) // 2
+        draw.rectangle([x, top, x + box - 1, top + box - 1], fill=swatch, outline=(0, 0, 0))
+        x += box + size // 2
+    draw.text((x, band // 2), title, fill=(0, 0, 0), font=font, anchor="lm")
     return canvas

@@ -243,7 +243,8 @@ def test_predict_empty_folder_and_bad_max_pixels(
     assert predict(checkpoint, str(tmp_path / "empty"), "--output-dir", str(tmp_path / "out")) == 1
     captured = capsys.readouterr()
     assert f"no images found in {tmp_path / 'empty'} (accepted: PNG/JPEG" in captured.err
-    assert "--recursive" in captured.err and "0 processed, 1 skipped" in captured.out
+    assert "--recursive" in captured.err and "nothing to process" in captured.err  # said before the model loads
+    assert not (tmp_path / "out").exists()
 
     with pytest.raises(SystemExit) as raised:
         predict(checkpoint, str(SAMPLE_IMAGE), "--max-pixels", "0")

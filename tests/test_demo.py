@@ -190,3 +190,25 @@ def test_in_a_real_browser(served: str, files: dict[str, Path], tmp_path: Path) 
     for shot in ("example.png", "upload.png"):
         image = Image.open(tmp_path / shot)
         assert image.width >= 1000 and np.asarray(image.convert("L")).std() > 5  # a rendered page, not blank
+
+
+def test_console_names_the_apps_share_option(monkeypatch, capsys) -> None:
+    launched = {}
+
+    class Blocks:
+        def block_thread(self) -> None:
+            launched["blocked"] = True
+
+    def fake_launch(demo, **kwargs):
+        launched.update(kwargs)
+        return None, "http://127.0.0.1:7860/", None
+
+    monkeypatch.setattr(app, "build_demo", lambda *args, **kwargs: Blocks())
+    monkeypatch.setattr(app, "launch", fake_launch)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    app.main([])
+    out = capsys.readouterr().out
+    assert launched["quiet"] and launched["blocked"] and not launched["share"]  # Gradio's own hint is off
+    assert "http://127.0.0.1:7860/" in out and "--share" in out and "share=True" not in out
+    assert "Public link (temporary):  https://x.gradio.live" in app.launch_message("u", "https://x.gradio.live")
+    assert "--share" not in app.launch_message("u", None, in_space=True)

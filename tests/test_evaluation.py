@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from runs import ROOT, SAMPLE_CONFIG, hub_script
 
 from modeling_stpnet import STPNetImageProcessor
 from modeling_stpnet.metrics import (
+    at_or_below_floor,
     counts_of_masks,
     dice_from_counts,
     iou_from_counts,
@@ -25,6 +27,8 @@ from modeling_stpnet.metrics import (
     segmentation_scores,
 )
 from modeling_stpnet.training import build_stpnet_model, load_repository, load_train_config
+from modeling_stpnet.training.evaluation import retrieval_report
+from modeling_stpnet.visualize import TRUTH_COLOUR
 
 
 def box(height: int, width: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
@@ -120,7 +124,11 @@ def test_evaluate_script_on_the_bundled_sample(tmp_path: Path) -> None:
         assert 0 <= scores["dice"] <= 1 and 0 <= scores["iou"] <= scores["dice"] + 1e-9
     assert set(metrics["retrieval_accuracy"]) == {"count", "size", "horizontal", "vertical", "mean"}
     assert set(metrics["retrieval_majority_baseline"]) == set(metrics["retrieval_accuracy"])
-    assert "retrieval accuracy (majority-class baseline): count " in result.stdout
+    assert "retrieval accuracy (majority-class floor): count " in result.stdout
+    accuracy, floor = metrics["retrieval_accuracy"], metrics["retrieval_majority_baseline"]
+    flagged = metrics["retrieval_at_or_below_floor"]  # every category not above its floor
+    assert flagged == [c for c, v in accuracy.items() if v <= floor[c]]
+    assert ("warning: retrieval does not beat" in result.stdout) == bool(flagged)
     with (tmp_path / "eval" / "per_image.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 8
@@ -128,6 +136,11 @@ def test_evaluate_script_on_the_bundled_sample(tmp_path: Path) -> None:
     assert int(rows[0]["height"]) == 160  # scored at the stored mask's size, not the 64 px input
     overlays = sorted(p.name for p in (tmp_path / "eval" / "overlays").glob("*.png"))
     assert len(overlays) == 8 and overlays[0].startswith("best_01") and overlays[-1].startswith("worst_04")
+    # the one colour code: ground truth blue, prediction green, under titles with a colour legend
+    panel = np.asarray(Image.open(tmp_path / "eval" / "overlays" / overlays[0]).convert("RGB"))
+    colours = {tuple(c) for c in panel.reshape(-1, 3)}
+    assert TRUTH_COLOUR in colours and (255, 0, 0) not in colours and (0, 255, 0) not in colours
+    assert panel.shape[0] > 160 and (panel[0] == 255).all()  # a white title band above the 160 px images
 
     missing = subprocess.run(
         [sys.executable, str(ROOT / "hub_scripts" / "evaluate.py"), "--model", str(tmp_path), "--output-dir", "x"],
@@ -152,3 +165,14 @@ def test_evaluate_script_scores_at_another_input_size_with_flips(tmp_path: Path,
     with pytest.raises(SystemExit):
         cli.main([*args, "--output-dir", str(tmp_path / "bad"), "--image-size", "100"])
     assert "--image-size must be a positive multiple of 32, got 100" in capsys.readouterr().err
+
+
+def test_retrieval_at_or_below_its_floor_is_flagged() -> None:
+    accuracy = {"count": 0.942, "size": 0.5, "horizontal": 0.3, "mean": 0.58}
+    floor = {"count": 0.942, "size": 0.4, "horizontal": 0.408, "mean": 0.583}
+    assert at_or_below_floor(accuracy, floor) == ["count", "horizontal", "mean"]  # equal to the floor counts
+    lines = retrieval_report({"retrieval_accuracy": accuracy, "retrieval_majority_baseline": floor})
+    assert lines[0].startswith("retrieval accuracy (majority-class floor): count 0.942 (0.942) <= floor, size 0.500")
+    assert "horizontal 0.300 (0.408) <= floor" in lines[0] and "size 0.500 (0.400)," in lines[0]
+    assert lines[1].startswith("warning: retrieval does not beat its majority-class floor for count, horizontal, mean")
+    assert retrieval_report({"retrieval_accuracy": None}) == []

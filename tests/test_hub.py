@@ -11,9 +11,11 @@ import textwrap
 from pathlib import Path
 
 import torch
+import yaml
 from runs import ROOT, SAMPLE_CONFIG, hub_script
 
 from modeling_stpnet import STPNetImageProcessor
+from modeling_stpnet.model_card import results_note as note
 from modeling_stpnet.training import build_stpnet_model, load_repository, load_train_config
 
 PUSH = ROOT / "hub_scripts" / "push_to_hub.py"
@@ -71,6 +73,7 @@ def test_dry_run_folder_has_the_card_and_loads_with_remote_code(tmp_path: Path) 
     model.save_pretrained(best)
     STPNetImageProcessor(size={"height": 64, "width": 64}).save_pretrained(best)
     (best / "train_config.yaml").write_text(config.to_yaml())
+    (best / "selection.json").write_text(json.dumps({"step": 40, "train_examples": 32, "validation_examples": 8}))
     metrics = {"dice": 0.8123, "iou": 0.7012, "micro_dice": 0.8, "micro_iou": 0.69, "num_images": 8, "split": "test"}
     metrics.update(input_resolution={"dice": 0.81}, retrieval_accuracy={"mean": 0.5}, dataset="sample/kvasir-seg-mini")
     (tmp_path / "run" / "test").mkdir()
@@ -90,8 +93,11 @@ def test_dry_run_folder_has_the_card_and_loads_with_remote_code(tmp_path: Path) 
     assert {"README.md", "metrics.json", "config.json", "model.safetensors", "preprocessor_config.json"} <= files
     assert {"modeling_stpnet.py", "text_repository.py", "train_config.yaml"} <= files
     card = (folder / "README.md").read_text()
-    assert card.startswith("---\nlicense: apache-2.0") and "${" not in card
-    assert "value: 0.8123" in card and "| Dice (per-image mean) | 0.8123 |" in card and "Kvasir-SEG" in card
+    assert card.startswith("---\nlicense: other\nlicense_name: kvasir-seg\n") and "${" not in card
+    # the bundled sample: sizes stated, a pipeline check and no results widget that would read like a benchmark
+    assert "model-index" not in card and "| Dice (per-image mean) | 0.8123 |" in card
+    assert "**A pipeline check, not a result.**" in card and "trained on 32 images downsized" in card
+    assert "trained on **the Kvasir-SEG sample bundled with STPNet** (32 images for training, 8 images for" in card
     assert "Jha" in card and "shan2025stpnet" in card and "Limitations" in card and "Intended use" in card
     assert ", 40 epochs, seed 0, augmentation on;" in card
     assert "Split `test` was never used for selection or early stopping." in card
@@ -126,8 +132,35 @@ class FakeHfApi:
         FakeHfApi.calls.append(("upload_folder", {"repo_id": repo_id, "files": files, **kwargs}))
 
 
+def test_card_of_a_full_run_states_sizes_licence_and_weak_retrieval(tmp_path: Path) -> None:
+    config = load_train_config(SAMPLE_CONFIG, ["data.image_size=64", "model.overrides={base_channels: 8}"])
+    config.data.dataset = "outputs/data/kvasir-seg"
+    model = build_stpnet_model(config, load_repository(config))
+    best = tmp_path / "run" / "best"
+    model.save_pretrained(best)
+    (best / "train_config.yaml").write_text(config.to_yaml())
+    # no selection.json (an older checkpoint): the sizes come from the run's run.json
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"train_examples": 792, "validation_examples": 88}))
+    accuracy = {"count": 0.9, "size": 0.6, "horizontal": 0.3, "vertical": 0.41, "mean": 0.5525}
+    floor = {"count": 0.942, "size": 0.4, "horizontal": 0.408, "vertical": 0.358, "mean": 0.527}
+    metrics = {"dice": 0.75, "iou": 0.65, "num_images": 120, "split": "test", "dataset": "outputs/data/kvasir-seg"}
+    metrics.update(retrieval_accuracy=accuracy, retrieval_majority_baseline=floor)
+    push = hub_script("push_to_hub")
+    card = (push.build_folder(best, metrics, "me/stpnet-kvasir", tmp_path / "hub") / "README.md").read_text()
+    front_matter = yaml.safe_load(card.split("---")[1])
+    assert front_matter["license"] == "other" and front_matter["license_link"].startswith("https://datasets.simula")
+    results = front_matter["model-index"][0]["results"][0]
+    assert results["dataset"]["name"] == "Kvasir-SEG" and results["metrics"][0]["value"] == 0.75
+    assert "pipeline check" not in card and "(792 images for training, 88 images for checkpoint" in card
+    assert "trained on 792 images of split `train`, checkpoint selected on 88 images" in card
+    assert "The code (the STPNet package's `*.py` files" in card and "is Apache-2.0" in card
+    assert "research and education" in card and "does not extend to the weights" in card
+    assert "| count | 0.9000 | 0.9420 | **at or below the floor** |" in card
+    assert "| size | 0.6000 | 0.4000 |  |" in card
+    assert "does not beat the floor for `count`, `horizontal`:" in card  # the mean beats its floor
+
+
 def test_card_says_whether_the_reported_split_selected_the_checkpoint() -> None:
-    note = hub_script("push_to_hub").results_note
     # QaTa-COV19 recipe: selected on a carve of train, reported on the official validation split
     carved = {"validation_split": "validation", "validation_from_train": 0.1}
     assert note(carved, "validation") == "Split `validation` was never used for selection or early stopping."

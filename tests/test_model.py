@@ -397,6 +397,12 @@ REMOTE_SCRIPT = textwrap.dedent(
     mask = processor.post_process_semantic_segmentation(out, target_sizes=[(100, 150)])[0]
     assert mask.shape == (100, 150)
     print(processor.post_process_description(out, model.config)[0]["description"])
+    # The image-segmentation pipeline checks the model's class name against transformers' built-in *_MAPPING_NAMES
+    # tables only; a remote-code model can join AutoModelForSemanticSegmentation (its auto_map) but never those
+    # tables, so transformers logs "... is not supported for image-segmentation" for every remote-code model and then
+    # runs it all the same. Dropped here, where we call the pipeline, so a real message would still show.
+    import logging
+    logging.getLogger("transformers.pipelines.base").addFilter(lambda r: "is not supported for" not in str(r.msg))
     result = pipeline("image-segmentation", model=ckpt, trust_remote_code=True)(image)
     assert {r["label"] for r in result} <= {"background", "lesion"} and result[0]["mask"].size == (150, 100)
     print("REMOTE OK")
@@ -443,7 +449,7 @@ def test_remote_code_in_a_clean_process(tmp_path: Path, encoder: str) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "REMOTE OK" in result.stdout
+    assert "REMOTE OK" in result.stdout and "is not supported for" not in result.stderr
 
 
 def test_image_processor_feeds_the_model() -> None:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from modeling_stpnet import ScaleAwareTextRepository, STPNetConfig, STPNetForSemanticSegmentation, STPNetImageProcessor
 from modeling_stpnet.data.io import DataError
+from modeling_stpnet.image_processing_stpnet import NO_LESION_DESCRIPTION
 from modeling_stpnet.predict import (
     CheckpointError,
     FlipAveraged,
@@ -29,7 +30,15 @@ from modeling_stpnet.predict import (
     prepare_image,
     resolve_checkpoint,
 )
-from modeling_stpnet.visualize import LESION_COLOUR, comparison_overlay, mask_boundary, overlay_mask, side_by_side
+from modeling_stpnet.visualize import (
+    LESION_COLOUR,
+    TRUTH_COLOUR,
+    comparison_overlay,
+    mask_boundary,
+    overlay_mask,
+    side_by_side,
+    titled,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGE = ROOT / "sample" / "kvasir-seg-mini" / "images" / "cju16jgnyzp970878melv7r25.jpg"
@@ -120,9 +129,10 @@ def test_cli_on_a_mixed_folder(
         assert (int(row["width"]), int(row["height"])) == size
         assert int(row["lesion_pixels"]) == int((np.asarray(mask) > 0).sum())
         assert float(row["lesion_percent"]) == pytest.approx(100 * int(row["lesion_pixels"]) / (size[0] * size[1]))
-        assert row["description"].endswith(".")
+        lesion = int(row["lesion_pixels"]) > 0  # the mask's verdict decides the description
+        assert row["description"] == (row["retrieved_description"] if lesion else NO_LESION_DESCRIPTION)
         for category in ("count", "size", "horizontal", "vertical"):
-            assert row[category] in row["description"]
+            assert row[category] in row["retrieved_description"]
             assert 0 < float(row[f"{category}_probability"]) <= 1
     skipped = {Path(r["file"]).name: r["reason"] for r in read_csv(out / "skipped.csv")}
     assert set(skipped) == {"corrupt.jpg", "notes.txt", "missing.png"}
@@ -154,6 +164,26 @@ def test_cli_missing_checkpoint_explains(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 2
     err = capsys.readouterr().err
     assert "No STPNet checkpoint" in err and "scripts/main.sh" in err and "STPNET_CHECKPOINT" in err
+
+
+def test_cli_checks_inputs_before_loading_the_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    code = main(
+        ["--model", str(tmp_path / "no" / "checkpoint"), str(tmp_path / "missing.png"), "--output-dir", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and not out.exists()  # nothing written, and the (missing) model never loaded
+    assert "missing.png: not found" in err and "No STPNet checkpoint" not in err
+
+
+def test_cli_says_on_the_console_that_an_input_was_downscaled(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    image = tmp_path / "big.png"
+    Image.new("RGB", (300, 200), (150, 60, 50)).save(image)
+    out = str(tmp_path / "out")
+    assert main(["--model", str(checkpoint), str(image), "--output-dir", out, "--max-pixels", "16384"]) == 0
+    assert f"note: {image}: downscaled from 300x200 to " in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture) -> None:
@@ -236,6 +266,8 @@ def test_overlays() -> None:
     assert compared[15, 25, 1] > compared[15, 25, 0]  # true positive: green
     assert compared[15, 33, 2] > compared[15, 33, 0]  # false negative: blue
     assert side_by_side([image, image.resize((20, 15))]).size == (40 + 4 + 40, 30)
+    labelled = titled(Image.new("RGB", (200, 160)), "ground truth", TRUTH_COLOUR)
+    assert labelled.width == 200 and labelled.height > 160 and TRUTH_COLOUR in set(labelled.getdata())
     with pytest.raises(ValueError, match="30x40"):
         overlay_mask(image, mask[:, :20])
 

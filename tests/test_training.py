@@ -77,6 +77,8 @@ def test_training_smoke_writes_a_loadable_best_model(tiny_dataset: Path, tmp_pat
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "text_repository.py"} <= {
         p.name for p in best.iterdir()
     }
+    selection = json.loads((best / "selection.json").read_text())  # the model card states the data sizes from it
+    assert selection["train_examples"] == 8 and selection["validation_examples"] == 4
     model = STPNetForSemanticSegmentation.from_pretrained(best)
     assert model.config.text_categories == ["count", "size", "horizontal", "vertical"]
     assert model.config.image_size == 64 and model.config.text_hidden_size == 384

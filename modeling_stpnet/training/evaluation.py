@@ -21,12 +21,12 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.io import mask_array
 from ..image_processing_stpnet import STPNetImageProcessor
 from ..metrics import (
+    at_or_below_floor,
     dice_from_counts,
     iou_from_counts,
     majority_accuracy,
@@ -34,6 +34,7 @@ from ..metrics import (
     retrieval_accuracy,
     segmentation_scores,
 )
+from ..visualize import LESION_COLOUR, TRUTH_COLOUR, overlay_mask, side_by_side, titled
 from .data import EpochBatchSampler, SegmentationDataset, make_loader, model_inputs
 
 # What evaluate_split writes into its output folder, so that tools replacing an earlier evaluation (train.py and
@@ -155,7 +156,8 @@ def evaluate_split(
     Returns the metrics: ``dice``, ``iou`` (per-image means at original resolution), ``micro_dice``,
     ``micro_iou``, ``num_images``, ``input_resolution`` (the same at the model's input size) and
     ``retrieval_accuracy`` (per category, or None for models without text or splits without labels) with
-    ``retrieval_majority_baseline`` beside it (always answering the split's most frequent entry).
+    ``retrieval_majority_baseline`` beside it (always answering the split's most frequent entry) and
+    ``retrieval_at_or_below_floor``: the categories (and ``"mean"``) whose accuracy does not beat that floor.
     """
     model = model.to(device)
     categories = text_categories_of(model, split)
@@ -175,10 +177,15 @@ def evaluate_split(
         "retrieval_majority_baseline": (
             majority_accuracy(pred["true"], categories) if pred["retrieved"] is not None else None
         ),
+        "retrieval_at_or_below_floor": None,
         "threshold": 0.5,
         "empty_mask_convention": "both empty: dice = iou = 1; one empty: 0",
         **(extra or {}),
     }
+    if metrics["retrieval_accuracy"] is not None:
+        metrics["retrieval_at_or_below_floor"] = at_or_below_floor(
+            metrics["retrieval_accuracy"], metrics["retrieval_majority_baseline"]
+        )
     if output_dir is not None:
         output = Path(output_dir)
         output.mkdir(parents=True, exist_ok=True)
@@ -188,6 +195,27 @@ def evaluate_split(
         if num_overlays > 0:
             write_overlays(model, processor, split, dice, output / "overlays", num_overlays, device)
     return metrics
+
+
+def retrieval_report(metrics: dict[str, Any]) -> list[str]:
+    """Console lines on retrieval: the accuracy per category with its majority-class floor, each one at or below
+    the floor marked, and a warning naming them; no lines for a model without text."""
+    accuracy, floor = metrics.get("retrieval_accuracy"), metrics.get("retrieval_majority_baseline") or {}
+    if not accuracy:
+        return []
+    flagged = at_or_below_floor(accuracy, floor)
+    pairs = ", ".join(
+        f"{c} {v:.3f} ({floor[c]:.3f}){' <= floor' if c in flagged else ''}"
+        for c, v in accuracy.items()
+        if v is not None and floor.get(c) is not None
+    )
+    lines = [f"retrieval accuracy (majority-class floor): {pairs}"]
+    if flagged:
+        lines.append(
+            f"warning: retrieval does not beat its majority-class floor for {', '.join(flagged)}: there the "
+            "retrieved sentence is no better than always giving the split's most frequent one"
+        )
+    return lines
 
 
 def _write_per_image(path: Path, split: datasets.Dataset, pred: dict[str, Any], categories: list[str]) -> None:
@@ -232,7 +260,8 @@ def write_overlays(
     count: int,
     device: torch.device | str = "cpu",
 ) -> list[Path]:
-    """PNG panels (image | ground truth in green | prediction in red) of the ``count`` best and worst images."""
+    """Titled PNG panels (image | ground truth in blue | prediction in green, with its Dice) of the ``count`` best
+    and worst images, in the colour code of every other overlay (``visualize``)."""
     folder.mkdir(parents=True, exist_ok=True)
     order = np.argsort(dice, kind="stable")
     picks = [("worst", int(i)) for i in order[:count]] + [("best", int(i)) for i in order[::-1][:count]]
@@ -242,25 +271,18 @@ def write_overlays(
     written = []
     for rank, ((kind, index), predicted) in enumerate(zip(picks, masks)):
         row = split[index]
-        image = np.asarray(row["image"].convert("RGB"), dtype=np.float32)
-        target = mask_array(row["mask"])
-        panel = np.concatenate([image, _tint(image, target, (0, 255, 0)), _tint(image, predicted, (255, 0, 0))], 1)
+        image = row["image"].convert("RGB")
+        panel = side_by_side(
+            [
+                titled(image, "image"),
+                titled(overlay_mask(image, mask_array(row["mask"]), TRUTH_COLOUR), "ground truth", TRUTH_COLOUR),
+                titled(
+                    overlay_mask(image, predicted, LESION_COLOUR), f"prediction, Dice {dice[index]:.3f}", LESION_COLOUR
+                ),
+            ]
+        )
         position = rank + 1 if kind == "worst" else rank - min(count, len(order)) + 1
         path = folder / f"{kind}_{position:02d}_{names[index]}_dice{dice[index]:.3f}.png"
-        Image.fromarray(panel.clip(0, 255).astype(np.uint8)).save(path)
+        panel.save(path)
         written.append(path)
     return written
-
-
-def _tint(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
-    """The image with ``mask`` filled in ``colour`` at 45 % and its outline drawn solid."""
-    out = image.copy()
-    mask = mask.astype(bool)
-    out[mask] = 0.55 * out[mask] + 0.45 * np.asarray(colour, dtype=np.float32)
-    inner = mask.copy()
-    inner[1:, :] &= mask[:-1, :]
-    inner[:-1, :] &= mask[1:, :]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    out[mask & ~inner] = colour
-    return out

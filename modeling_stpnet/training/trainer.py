@@ -298,7 +298,11 @@ class Trainer:
         if row["is_best"]:
             state.best_dice, state.best_step, state.evals_without_improvement = metrics["val_dice"], state.step, 0
             if self.main:
-                save_best(acc.unwrap_model(self.model), self.processor, self.output_dir, row, self.cfg.to_yaml())
+                # the data sizes travel with the checkpoint, so its model card can say what the numbers rest on
+                sizes = {"train_examples": len(self.train_set), "validation_examples": len(self.val_set)}
+                save_best(
+                    acc.unwrap_model(self.model), self.processor, self.output_dir, {**row, **sizes}, self.cfg.to_yaml()
+                )
         else:
             state.evals_without_improvement += 1
             patience = self.cfg.train.early_stopping_patience
