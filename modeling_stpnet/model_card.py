@@ -77,6 +77,15 @@ def data_sizes(model_dir: Path) -> dict[str, int | None]:
     return sizes
 
 
+def encoder_description(config: dict[str, Any]) -> str:
+    """The U-shape's encoder in words: a transformers backbone (and where its weights started) or the paper's."""
+    backbone = config.get("backbone_config")
+    if backbone:
+        start = f"started from `{config.get('backbone')}`" if config.get("use_pretrained_backbone") else "random init"
+        return f"`{backbone.get('model_type')}` backbone encoder ({start})"
+    return f"the paper's CNN encoder trained from scratch (base width {config.get('base_channels')} channels)"
+
+
 def results_note(data: dict[str, Any] | None, split: str) -> str:
     """Whether the reported split also selected the checkpoint, from the training config's data section (None when
     the checkpoint came without ``train_config.yaml``). A run that carves its selection split out of train
@@ -237,7 +246,7 @@ def card_values(model_dir: Path, metrics: dict[str, Any], repo_id: str) -> dict[
         "num_validation": _images(sizes["validation"]),
         "num_evaluated": _images(num_images),
         "results_note": note,
-        "base_channels": str(config.get("base_channels")),
+        "encoder": encoder_description(config),
         "retrieval_backbone": str(config.get("retrieval_backbone")),
         "num_parameters": f"{parameters / 1e6:.2f}",
         "image_size": str(config.get("image_size")),
