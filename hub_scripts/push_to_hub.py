@@ -35,7 +35,8 @@ from modeling_stpnet.model_card import card_values  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "model_card.md"
 REQUIRED = ("config.json", "model.safetensors")
-CARD_FILES = ("README.md", "metrics.json")
+CARD_FILES = ("README.md", "metrics.json", "sample_metrics.json")
+SAMPLE_METRICS = "sample_metrics.json"
 # The files a training checkpoint holds (save_pretrained, the image processor, remote code, training records), so a
 # dry-run folder written from an earlier checkpoint is still recognised when the current one lacks one of them. These
 # names alone never make a folder a dry run (another checkpoint has them too): see check_dry_run_folder.
@@ -56,6 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", type=Path, default=None, metavar="DIR", help="write the upload folder only")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     parser.add_argument("--commit-message", default="Upload STPNet checkpoint")
+    parser.add_argument(
+        "--weights-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="store the weights in this precision (float16 halves the folder); config.json keeps dtype float32, so "
+        "from_pretrained still computes in float32",
+    )
+    parser.add_argument(
+        "--sample-metrics",
+        type=Path,
+        default=None,
+        help="metrics.json of evaluate.py on the bundled sample's test split: the card quotes it, so anyone can check "
+        "a copy of the checkpoint against it in seconds",
+    )
     return parser
 
 
@@ -80,17 +95,53 @@ def require_checkpoint(model_dir: Path) -> None:
         raise FileNotFoundError(f"{model_dir} is not a checkpoint folder: missing {missing}")
 
 
-def build_folder(model_dir: Path, metrics: dict[str, Any], repo_id: str, folder: Path) -> Path:
+def build_folder(
+    model_dir: Path,
+    metrics: dict[str, Any],
+    repo_id: str,
+    folder: Path,
+    weights_dtype: str = "float32",
+    sample_metrics: dict[str, Any] | None = None,
+) -> Path:
     """Copy the checkpoint files and write README.md (the filled template) and metrics.json into ``folder``."""
     require_checkpoint(model_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for path in sorted(model_dir.iterdir()):
         if path.is_file():
             shutil.copy2(path, folder / path.name)
-    card = Template(TEMPLATE.read_text(encoding="utf-8")).substitute(card_values(model_dir, metrics, repo_id))
+    if weights_dtype == "float16":
+        store_half_precision(folder)
+    values = card_values(model_dir, metrics, repo_id)
+    values["sample_result"] = sample_result(sample_metrics)
+    card = Template(TEMPLATE.read_text(encoding="utf-8")).substitute(values)
     (folder / "README.md").write_text(card, encoding="utf-8")
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if sample_metrics is not None:
+        (folder / SAMPLE_METRICS).write_text(json.dumps(sample_metrics, indent=2) + "\n")
     return folder
+
+
+def store_half_precision(folder: Path) -> None:
+    """Floating-point tensors of ``model.safetensors`` to float16; ``config.json`` says float32, which is what
+    ``from_pretrained`` then builds and computes in (fp16 kernels are slow or missing on CPUs)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "model.safetensors"
+    tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def sample_result(metrics: dict[str, Any] | None) -> str:
+    """The card's table row for the bundled sample's test split (empty without it)."""
+    if metrics is None:
+        return ""
+    return (
+        f"| Dice on the bundled sample's {metrics.get('num_images', '?')} test images (`sample/kvasir-seg-mini`, "
+        f"downsized; `{SAMPLE_METRICS}`) | {metrics['dice']:.4f} |\n"
+    )
 
 
 def is_model_card(path: Path) -> bool:
@@ -166,14 +217,16 @@ def check_dry_run_folder(folder: Path, model_dir: Path) -> None:
         )
 
 
-def replace_dry_run_folder(model_dir: Path, metrics: dict[str, Any], repo_id: str, folder: Path) -> Path:
+def replace_dry_run_folder(
+    model_dir: Path, metrics: dict[str, Any], repo_id: str, folder: Path, **options: Any
+) -> Path:
     """Checks ``folder`` (:func:`check_dry_run_folder`), empties it and writes the upload folder into it."""
     require_checkpoint(model_dir)  # before anything in the old dry run is removed
     check_dry_run_folder(folder, model_dir)
     if folder.is_dir():
         for path in folder.iterdir():  # only plain files, each a name build_folder writes (checked above)
             path.unlink()
-    return build_folder(model_dir, metrics, repo_id, folder)
+    return build_folder(model_dir, metrics, repo_id, folder, **options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,14 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     repo_id = args.repo_id or f"your-name/{args.model.resolve().parent.name or 'stpnet'}"
     try:
         metrics = find_metrics(args.model, args.metrics)
+        options = {
+            "weights_dtype": args.weights_dtype,
+            "sample_metrics": json.loads(args.sample_metrics.read_text()) if args.sample_metrics else None,
+        }
         if args.dry_run is not None:
-            replace_dry_run_folder(args.model, metrics, repo_id, args.dry_run)
+            replace_dry_run_folder(args.model, metrics, repo_id, args.dry_run, **options)
             print(f"dry run: the upload folder is {args.dry_run} (nothing uploaded)")
             return 0
         import huggingface_hub
 
         with tempfile.TemporaryDirectory() as staging:
-            build_folder(args.model, metrics, repo_id, Path(staging))
+            build_folder(args.model, metrics, repo_id, Path(staging), **options)
             api = huggingface_hub.HfApi()
             try:
                 api.create_repo(repo_id, private=args.private, exist_ok=True, repo_type="model")
