@@ -62,16 +62,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name, config in load_presets(args.presets_dir).items():
         for backbone in dict.fromkeys([config.retrieval_backbone, "shared"]):
-            variant = STPNetConfig(**{**config.to_diff_dict(), "retrieval_backbone": backbone})
             label = name if backbone == config.retrieval_backbone else f"{name}-shared"
-            rows.append({"model": label, "backbone": backbone, **summarise(variant, args.image_size)})
+            if any(r["model"] == label for r in rows):  # a preset that is itself the shared variant of another
+                continue
+            variant = STPNetConfig(**{**config.to_diff_dict(), "retrieval_backbone": backbone})
+            encoder = (config.backbone_config or {}).get("model_type", f"paper c={config.base_channels}")
+            row = {"model": label, "encoder": encoder, "backbone": backbone}
+            rows.append({**row, **summarise(variant, args.image_size)})
     print(
-        f"{'model':<22} {'backbone':<10} {'params (M)':>11} {'retrieval (M)':>14} {'GMACs@' + str(args.image_size):>10}"
+        f"{'model':<26} {'encoder':<14} {'retrieval':<10} {'params (M)':>11} {'retrieval (M)':>14} "
+        f"{'GMACs@' + str(args.image_size):>10}"
     )
     for r in rows:
         print(
-            f"{r['model']:<22} {r['backbone']:<10} {r['params_m']:>11.2f} {r['retrieval_backbone_params_m']:>14.2f} "
-            f"{r['gmacs']:>10.2f}"
+            f"{r['model']:<26} {r['encoder']:<14} {r['backbone']:<10} {r['params_m']:>11.2f} "
+            f"{r['retrieval_backbone_params_m']:>14.2f} {r['gmacs']:>10.2f}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"image_size": args.image_size, "rows": rows}, indent=2))
