@@ -42,6 +42,7 @@ from modeling_stpnet.predict import (  # noqa: E402
     resolve_checkpoint,
     resolve_device,
 )
+from modeling_stpnet.safe_write import save_image  # noqa: E402
 from modeling_stpnet.visualize import overlay_mask  # noqa: E402
 
 SAMPLE = HERE.parent / "sample" / "kvasir-seg-mini"
@@ -178,8 +179,10 @@ def segment(file: str | None, checkpoint: str | None, threshold: float) -> tuple
     except (RuntimeError, ValueError) as error:  # e.g. out of memory: the app must keep serving the next request
         return _empty(f"### The model failed on `{name}`\n\n{error}")
 
-    mask_path = _new_mask_path(Path(name).stem)
-    prediction.mask_image().save(mask_path)
+    try:  # a full or read-only temporary folder must cost this request its mask, not the server
+        mask_path = save_image(prediction.mask_image(), _new_mask_path(Path(name).stem))
+    except OSError as error:
+        return _empty(f"### Cannot save the mask of `{name}`\n\n{_without_folder(str(error), str(MASK_DIR))}")
     height, width = prediction.mask.shape
     notes = prepared.notes + predictor.notes
     if prediction.lesion_pixels == 0:
