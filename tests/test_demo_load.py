@@ -17,7 +17,7 @@ from benchmarks import load_demo  # noqa: E402
 
 def test_the_demo_under_a_short_load(tmp_path: Path) -> None:
     output = tmp_path / "load.json"
-    load_demo.main(["--requests", "30", "--clients", "4", "--output", str(output)])
+    load_demo.main(["--requests", "30", "--clients", "4", "--warmup", "4", "--output", str(output)])
     result = json.loads(output.read_text())
     assert result["requests"] == 30 and result["failures"] == 0, result["first_problems"]
     kinds = result["by_kind"]

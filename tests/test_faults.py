@@ -18,14 +18,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
+from properties import budget, outcome
 from runs import SAMPLE_CONFIG, TinySegConfig, TinySegModel, hub_script, tiny_overrides
 
 from modeling_stpnet import STPNetImageProcessor
 from modeling_stpnet.predict import Prediction
 from modeling_stpnet.prediction_files import PredictionWriter
 from modeling_stpnet.safe_write import OutputWriteError, append_whole, save_image, write_text
-from modeling_stpnet.training.checkpoints import save_best
+from modeling_stpnet.training.checkpoints import save_best, save_checkpoint
 
 resource = pytest.importorskip("resource")  # POSIX only
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,6 +38,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @contextmanager
 def full_disk(limit: int) -> Iterator[None]:
     """Every write of this process past ``limit`` bytes of a file fails, as on a full disk."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # pytest captures them into a file, which the limit would cut too
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
@@ -42,6 +50,8 @@ def full_disk(limit: int) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextmanager
@@ -177,3 +187,48 @@ def test_predict_cli_on_a_read_only_folder_says_so(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err
     assert status == 2 and f"Cannot write {out}" in err and "Traceback" not in err, err
     assert not any(out.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- a cut at any byte
+def write_version(target: str, folder: Path, version: int) -> bool:
+    """Version ``version`` of one kind of result in ``folder`` (other bytes than the version before); True."""
+    torch.manual_seed(version)
+    if target == "best model":
+        save_best(TinySegModel(TinySegConfig()), STPNetImageProcessor(), folder, {"step": version}, f"v: {version}\n")
+    elif target == "checkpoint":
+        model = TinySegModel(TinySegConfig())
+        accelerator = Accelerator(cpu=True)  # a fresh one: save_state saves every model prepared with it
+        accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+        save_checkpoint(accelerator, folder, version, keep=2, config_yaml=f"v: {version}\n")
+    else:
+        writer = PredictionWriter(folder / f"predictions-{version}", [])
+        image = np.random.default_rng(version).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+        for n in range(3):
+            writer.write(Path(f"image{n}.jpg"), Prediction(Image.fromarray(image), image[..., n] > 99, "x.", [], 0.1))
+        writer.close()
+    return True
+
+
+@budget(8)
+@given(st.sampled_from(["best model", "checkpoint", "predictions"]), st.floats(0, 1.2))
+def test_a_write_cut_off_at_any_byte_keeps_what_was_there(tmp_path_factory, target: str, cut: float) -> None:
+    """A write that fails at any byte (the file size limit drawn from 0 to beyond the largest file) leaves every file
+    that was there before as it was and nothing half written; or it succeeds whole."""
+    folder = tmp_path_factory.mktemp("cut")
+    write_version(target, folder, 1)
+    before = snapshot(folder)
+    limit = int(cut * max(len(data) for data in before.values()))
+    with full_disk(max(limit, 1)):
+        done = outcome("write faults", lambda: write_version(target, folder, 2), (OutputWriteError,),
+                       [str(folder)])  # fmt: skip
+    after = snapshot(folder)
+    if target == "predictions":  # a run writes a new folder: the earlier one stays, the new one holds whole rows
+        assert {k: v for k, v in after.items() if k.startswith("predictions-1")} == before
+        rows = (folder / "predictions-2" / "predictions.csv").read_text().splitlines() if done is None else []
+        for row in rows[1:]:
+            assert (folder / "predictions-2" / row.split(",")[1]).is_file()
+    elif done is None:
+        assert after == before
+    else:
+        assert after != before
+    no_leftovers(folder)
