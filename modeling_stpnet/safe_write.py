@@ -66,14 +66,11 @@ def write_error(path: Path, error: BaseException, kept: bool | str) -> OutputWri
     return result
 
 
-def _temporary_name(path: Path, folder: bool = False) -> Path:
+def _temporary_name(path: Path) -> Path:
     # Hidden, beside the target (same file system, so the rename is atomic), unique per writer.
-    maker = tempfile.mkdtemp if folder else tempfile.mkstemp
-    created = maker(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    if not folder:
-        os.close(created[0])
-        created = created[1]
-    return Path(created)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    return Path(name)
 
 
 def _remove(path: Path) -> None:
