@@ -28,7 +28,7 @@ TRAIN = [
 ]
 DEMO = ["gradio>=5.0,<7"]
 EXPORT = ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1"]
-DEV = TRAIN + DEMO + EXPORT + ["pytest>=8", "ruff>=0.5", "gradio_client>=1.0", "playwright>=1.40"]
+DEV = TRAIN + DEMO + EXPORT + ["pytest>=8", "ruff>=0.5", "gradio_client>=1.0", "playwright>=1.40", "hypothesis>=6.100"]
 
 setup(
     name="stpnet",

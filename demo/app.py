@@ -37,7 +37,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from modeling_stpnet.cpu_memory import keep_freed_memory  # noqa: E402
+from modeling_stpnet.cpu_memory import keep_freed_memory, limit_arenas  # noqa: E402
 from modeling_stpnet.data.io import DataError  # noqa: E402
 from modeling_stpnet.predict import (  # noqa: E402
     CHECKPOINT_ENV,
@@ -47,12 +47,19 @@ from modeling_stpnet.predict import (  # noqa: E402
     resolve_checkpoint,
     resolve_device,
 )
+from modeling_stpnet.safe_write import save_image  # noqa: E402
 from modeling_stpnet.visualize import overlay_mask  # noqa: E402
 
 SAMPLE = HERE.parent / "sample" / "kvasir-seg-mini"
 # Space uploads are capped well below the CLI's limits: a free CPU Space has little memory.
 MAX_PIXELS = 2048 * 2048
 MAX_UPLOAD = "50mb"
+# Load cannot exhaust memory: at most CONCURRENCY requests run the model at a time (one per core of a free CPU
+# Space), all events sharing that one limit, so memory is bounded by CONCURRENCY x one image of at most MAX_PIXELS
+# and its model input; up to QUEUE_SIZE more wait (an upload waits as a file on disk), and beyond that a request is
+# refused at once with "queue is full" instead of piling up. benchmarks/load_demo.py measures the result.
+CONCURRENCY = 2
+QUEUE_SIZE = 64
 DISPLAY_MIN_SIDE = 384  # small images (the bundled sample is 160 px high) are enlarged for viewing only
 MASK_DIR = Path(tempfile.gettempdir()) / "stpnet-demo-masks"
 MASK_LIFETIME_S = 3600  # Gradio copies each result into its own cache, so our files only need to outlive one request
@@ -188,8 +195,10 @@ def segment(file: str | None, checkpoint: str | None, threshold: float) -> tuple
     except (RuntimeError, ValueError) as error:  # e.g. out of memory: the app must keep serving the next request
         return _empty(f"### The model failed on `{name}`\n\n{error}")
 
-    mask_path = _new_mask_path(Path(name).stem)
-    prediction.mask_image().save(mask_path)
+    try:  # a full or read-only temporary folder must cost this request its mask, not the server
+        mask_path = save_image(prediction.mask_image(), _new_mask_path(Path(name).stem))
+    except OSError as error:
+        return _empty(f"### Cannot save the mask of `{name}`\n\n{_without_folder(str(error), str(MASK_DIR))}")
     height, width = prediction.mask.shape
     notes = prepared.notes + predictor.notes
     if prediction.lesion_pixels == 0:
@@ -324,12 +333,14 @@ def build_demo(checkpoint: str | None = None, lock_checkpoint: bool | None = Non
                     details = gr.JSON(elem_id="details")
         outputs = [overlay, mask, description, bars, measurements, details]
         inputs = [file, chosen, threshold]
-        button.click(run, inputs, outputs, api_name="segment")
-        file.upload(run, inputs, outputs, api_visibility="private")
-        threshold.release(run, inputs, outputs, api_visibility="private")
+        model = {"concurrency_id": "model", "concurrency_limit": CONCURRENCY}  # one limit for every model call
+        button.click(run, inputs, outputs, api_name="segment", **model)
+        file.upload(run, inputs, outputs, api_visibility="private", **model)
+        threshold.release(run, inputs, outputs, api_visibility="private", **model)
         file.clear(lambda: _empty(""), None, outputs, api_visibility="private")
-        gallery.select(run_example, [threshold, chosen], [file, *outputs], api_visibility="private")
-        chosen.submit(checkpoint_status, chosen, status, api_visibility="private")
+        gallery.select(run_example, [threshold, chosen], [file, *outputs], api_visibility="private", **model)
+        chosen.submit(checkpoint_status, chosen, status, api_visibility="private", **model)
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
     demo.stpnet_allowed_paths = sorted({str(Path(p).parent) for p in examples})  # for launch()
     return demo
 
@@ -366,8 +377,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--lock-checkpoint", action="store_true", help="hide the checkpoint choice (always on in a Space)"
     )
+    parser.add_argument(
+        "--keep-memory",
+        action="store_true",
+        help="on CPU, keep freed memory in the process: a forward pass a few percent faster, but memory then "
+        "ratchets up to the peak of the largest uploads instead of returning to its level between requests",
+    )
     args = parser.parse_args(argv)
-    if resolve_device("auto").type == "cpu":  # a serving process: faster requests, memory stays at its peak
+    limit_arenas(CONCURRENCY)  # memory that returns to its level between requests, whatever the load
+    if args.keep_memory and resolve_device("auto").type == "cpu":
         keep_freed_memory()
     demo = build_demo(args.checkpoint, lock_checkpoint=args.lock_checkpoint or None)
     # quiet: Gradio's own start-up lines are replaced by launch_message (same URL, our option's name)

@@ -16,6 +16,10 @@ Examples::
 model (best validation Dice) is written to ``<output-dir>/best`` with ``save_pretrained``. An output folder that
 already holds a run's results is refused unless ``--resume`` (continue that run) or ``--overwrite`` (replace it;
 only the files a run writes are removed) is given.
+
+SIGTERM (what a cluster scheduler sends before it kills a job) saves a checkpoint after the current optimizer step
+and exits with status 143; ``--resume`` then continues exactly. A failed write (full disk, read-only folder) keeps
+the previous checkpoints and ``best/`` and exits with status 1 and a message naming the file.
 """
 
 from __future__ import annotations
@@ -31,14 +35,17 @@ from modeling_stpnet.extras import TRAIN_MODULES, exit_unless_installed  # noqa:
 if __name__ == "__main__":  # the install line instead of an import traceback
     exit_unless_installed("hub_scripts/train.py", "train", TRAIN_MODULES)
 
+from modeling_stpnet.safe_write import OutputWriteError  # noqa: E402
 from modeling_stpnet.training import (  # noqa: E402
     ConfigError,
+    TrainingInterrupted,
     apply_overrides,
     config_from_dict,
     read_config_file,
     run_training,
 )
 from modeling_stpnet.training.evaluation import retrieval_report  # noqa: E402
+from modeling_stpnet.training.resume import EXIT_STATUS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as error:  # SIGTERM from a scheduler: the checkpoint is saved, the run resumable
+        print(f"interrupted: {error}", file=sys.stderr)
+        return EXIT_STATUS
+    except OutputWriteError as error:  # full disk, read-only folder: earlier files are intact, the message says so
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if not result["is_main_process"]:
         return 0
     # the best validation Dice was printed by the run itself; here only the test split's scores are new

@@ -19,6 +19,7 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 _MMAP_THRESHOLD_MAX = 1 << 30  # allocations below 1 GiB come from the heap instead of mappings of their own
 _INT_MAX = 2**31 - 1
 
@@ -44,6 +45,20 @@ def keep_freed_memory(top_pad_mib: int = 512) -> bool:
         (M_TOP_PAD, min(_INT_MAX, top_pad_mib << 20)),
     ]
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def limit_arenas(count: int) -> bool:
+    """At most ``count`` glibc malloc arenas (Linux with glibc only; returns whether the allocator took it).
+
+    glibc gives threads their own arenas (up to 8 per core) and each keeps the fragments of the largest requests its
+    threads served. A server whose thread pool hands requests to ever other threads (Gradio's) then grows arena by
+    arena under load; as many arenas as requests can run at once bound that (``benchmarks/load_demo.py``).
+    """
+    libc = glibc()
+    if libc is None:
+        return False
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return libc.mallopt(M_ARENA_MAX, count) == 1
 
 
 def glibc() -> ctypes.CDLL | None:

@@ -61,7 +61,15 @@ def _as_hwc(image: Any, what: str, palette_as_index: bool = False, min_side: int
     if Image is not None and isinstance(image, Image.Image):
         array = pil_to_array(image, palette_as_index)
     elif isinstance(image, torch.Tensor):
-        array = image.detach().cpu().numpy()
+        tensor = image.detach().cpu()
+        if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.float32, torch.float64):
+            tensor = tensor.float()  # numpy has no bfloat16 or float8; float32 holds their values exactly
+        try:
+            array = tensor.numpy()
+        except (TypeError, RuntimeError) as error:  # sparse, quantized or other tensors numpy cannot view
+            raise ValueError(
+                f"Unsupported {what} tensor ({tensor.dtype}, {tensor.layout}); accepted: {ACCEPTED}"
+            ) from error
     elif isinstance(image, np.ndarray):
         array = image
     else:

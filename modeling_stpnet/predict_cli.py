@@ -3,7 +3,8 @@
     stpnet-predict --model outputs/sample-tiny/best sample/kvasir-seg-mini/images --output-dir predictions
 
 Unreadable inputs are skipped and reported; the exit status is 0 when at least one image was processed, 1 when
-none was, 2 for bad arguments, an unusable output folder or an unusable checkpoint. Results of an earlier run in
+none was, 2 for bad arguments, an unusable output folder (also when writing fails on the way: a full disk, a read-only
+folder; what was written until then is whole) or an unusable checkpoint. Results of an earlier run in
 the output folder are never replaced without ``--overwrite``, and files there that no earlier run wrote (say a
 dataset's ground-truth ``masks/``) are never replaced at all: such a folder is refused.
 """
@@ -25,13 +26,14 @@ from .predict import (
     DEFAULT_CHECKPOINT,
     MAX_PIXELS,
     CheckpointError,
-    Prediction,
     PreparedImage,
     STPNetPredictor,
     load_predictor,
     prepare_image,
     resolve_checkpoint,
 )
+from .prediction_files import PredictionWriter, remove_earlier, unique_stem, write_skipped
+from .safe_write import OutputWriteError
 
 # The smallest model input is 128x128 px; downscaling below it only throws detail away and gives blocky masks.
 MIN_MAX_PIXELS = 128 * 128
@@ -102,9 +104,9 @@ def _written_names(rows: list[dict[str, str]], folder: str) -> set[str]:
             if entry.parent == Path(folder) and entry.suffix == ".png":
                 names.add(entry.name)
         return names
-    # No mask/overlay column: the names follow from the input files, as _Writer derives them.
+    # No mask/overlay column: the names follow from the input files, as PredictionWriter derives them.
     used: set[str] = set()
-    return {f"{_unique_stem(Path(row['file']), used)}.png" for row in rows if row.get("file")}
+    return {f"{unique_stem(Path(row['file']), used)}.png" for row in rows if row.get("file")}
 
 
 def _previous_results(path: Path) -> tuple[list[Path], list[str], list[str]]:
@@ -175,61 +177,6 @@ def result_paths(output_dir: str | os.PathLike) -> list[Path]:
     return [Path(output_dir) / name for name in (*RESULT_FILES, *RESULT_FOLDERS)]
 
 
-def _unique_stem(path: Path, used: set[str]) -> str:
-    stem, n = path.stem, 1
-    while stem in used:
-        n += 1
-        stem = f"{path.stem}-{n}"
-    used.add(stem)
-    return stem
-
-
-class _Writer:
-    """Writes masks, overlays and CSV rows as predictions arrive, so an interrupted run keeps what it did."""
-
-    def __init__(self, output_dir: Path, categories: list[str]) -> None:
-        self.output_dir = output_dir
-        (output_dir / "masks").mkdir(parents=True, exist_ok=True)
-        (output_dir / "overlays").mkdir(parents=True, exist_ok=True)
-        self.used: set[str] = set()
-        # description: the mask's verdict first ("No lesion found..." for an empty mask), then what was retrieved
-        columns = ["file", "mask", "overlay", "width", "height", "lesion_pixels", "lesion_percent", "description"]
-        columns += ["retrieved_description"] if categories else []
-        columns += [c for name in categories for c in (name, f"{name}_probability")]
-        columns += ["seconds", "notes"]
-        self.handle = open(output_dir / "predictions.csv", "w", newline="", encoding="utf-8")
-        self.rows = csv.DictWriter(self.handle, fieldnames=columns)
-        self.rows.writeheader()
-
-    def write(self, path: Path, prediction: Prediction) -> None:
-        stem = _unique_stem(path, self.used)
-        mask_file, overlay_file = Path("masks") / f"{stem}.png", Path("overlays") / f"{stem}.png"
-        prediction.mask_image().save(self.output_dir / mask_file)
-        prediction.overlay().save(self.output_dir / overlay_file)
-        row = {
-            "file": str(path),
-            "mask": mask_file.as_posix(),
-            "overlay": overlay_file.as_posix(),
-            "width": prediction.mask.shape[1],
-            "height": prediction.mask.shape[0],
-            "lesion_pixels": prediction.lesion_pixels,
-            "lesion_percent": f"{prediction.lesion_percent:.3f}",
-            "description": prediction.description or "",
-            "seconds": f"{prediction.seconds:.4f}",
-            "notes": "; ".join(prediction.notes),
-        }
-        if prediction.retrieved_description is not None:
-            row["retrieved_description"] = prediction.retrieved_description
-        for item in prediction.categories:
-            row[item["category"]] = item["sentence"]
-            row[f"{item['category']}_probability"] = f"{item['probability']:.4f}"
-        self.rows.writerow(row)
-        self.handle.flush()
-
-    def close(self) -> None:
-        self.handle.close()
-
-
 def run(
     predictor: STPNetPredictor,
     inputs: Sequence[str | os.PathLike],
@@ -245,7 +192,8 @@ def run(
     """Predict every readable image of ``inputs``; returns (number processed, [(file, why skipped)]).
 
     Raises :class:`OutputDirError` (before writing anything) when ``output_dir`` is unusable or holds an earlier
-    run's results and ``overwrite`` is off; with ``overwrite`` those results are replaced.
+    run's results and ``overwrite`` is off; with ``overwrite`` those results are replaced. A write that fails on the
+    way (full disk, read-only folder) raises ``OutputWriteError``: every file written until then is whole.
     """
     from tqdm.auto import tqdm
 
@@ -254,10 +202,9 @@ def run(
     files, skipped = collect_inputs(inputs, recursive, exclude=result_paths(output_dir))
     # Only the earlier run's CSVs and the masks and overlays its predictions.csv names, so results do not mix;
     # anything else in the folder made check_output_dir refuse it.
-    for path in earlier:
-        path.unlink(missing_ok=True)
+    remove_earlier(earlier)
     categories = list(predictor.config.text_categories) if getattr(predictor.config, "use_text", True) else []
-    writer = _Writer(output_dir, categories)
+    writer = PredictionWriter(output_dir, categories)
     processed = 0
     bar = tqdm(total=len(files), unit="image", disable=None if progress is None else not progress)
 
@@ -303,10 +250,7 @@ def run(
     finally:
         bar.close()
         writer.close()
-    with open(output_dir / "skipped.csv", "w", newline="", encoding="utf-8") as handle:
-        table = csv.writer(handle)
-        table.writerow(["file", "reason"])
-        table.writerows(skipped)
+    write_skipped(output_dir, skipped)
     return processed, skipped
 
 
@@ -388,17 +332,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if predictor.device.type == "cpu" and not args.release_memory:
         keep_freed_memory()
-    processed, skipped = run(
-        predictor,
-        args.inputs,
-        args.output_dir,
-        threshold=args.threshold,
-        batch_size=args.batch_size,
-        recursive=args.recursive,
-        max_pixels=args.max_pixels,
-        overwrite=args.overwrite,
-        tta=args.tta,
-    )
+    try:
+        processed, skipped = run(
+            predictor,
+            args.inputs,
+            args.output_dir,
+            threshold=args.threshold,
+            batch_size=args.batch_size,
+            recursive=args.recursive,
+            max_pixels=args.max_pixels,
+            overwrite=args.overwrite,
+            tta=args.tta,
+        )
+    except OutputWriteError as error:
+        print(f"stpnet-predict: {error}", file=sys.stderr)
+        return 2
     out = Path(args.output_dir)
     if skipped:
         print(f"Skipped {len(skipped)} input(s):", file=sys.stderr)

@@ -151,3 +151,12 @@ def test_save_and_reload(processor: STPNetImageProcessor, tmp_path: Path) -> Non
     again = STPNetImageProcessor.from_pretrained(tmp_path)
     assert again.size == {"height": 64, "width": 64}
     assert torch.equal(again(GRAY8)["pixel_values"], processor(GRAY8)["pixel_values"])
+
+
+def test_tensors_numpy_cannot_hold_are_widened_or_refused(processor: STPNetImageProcessor) -> None:
+    """Found by the property tests: bfloat16 tensors (common from GPU pipelines) ended in torch's TypeError."""
+    image = torch.rand(3, 40, 40)
+    widened = processor(image.to(torch.bfloat16))["pixel_values"]
+    assert torch.allclose(widened, processor(image.to(torch.bfloat16).float())["pixel_values"])
+    with pytest.raises(ValueError, match="Unsupported image 0 tensor"):
+        processor(torch.rand(3, 40, 40).to_sparse())

@@ -1,5 +1,5 @@
-"""Training: smoke run, exact resume after SIGKILL, real 2-process DDP, gradient accumulation, models without text,
-augmentation, data order, config errors (CPU, offline)."""
+"""Training: smoke run, exact resume after SIGKILL and after SIGTERM, real 2-process DDP, gradient accumulation,
+models without text, augmentation, data order, config errors (CPU, offline)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,37 +91,79 @@ def test_training_smoke_writes_a_loadable_best_model(tiny_dataset: Path, tmp_pat
         assert torch.allclose(auto(x).logits, model.eval()(x).logits, atol=1e-5)
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_dataset: Path, tmp_path: Path) -> None:
-    """Checkpoint at step 3 of 4 per epoch (mid-epoch), kill -9, resume: same final weights as a straight run."""
-    settings = {"train.max_steps": 10, "train.checkpoint_every_steps": 3, "train.keep_checkpoints": 5}
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_cli(as_cli(tiny_overrides(tiny_dataset, straight, **settings)))
+RESUME_SETTINGS = {"train.max_steps": 10, "train.checkpoint_every_steps": 3, "train.keep_checkpoints": 5}
 
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run that the killed and the terminated runs must end like."""
+    straight = tmp_path_factory.mktemp("straight") / "run"
+    run_cli(as_cli(tiny_overrides(tiny_dataset, straight, **RESUME_SETTINGS)))
+    return straight
+
+
+def interrupt_and_resume(tiny_dataset: Path, folder: Path, ready: Callable[[], bool], sig: int) -> str:
+    """Starts the run, sends ``sig`` once ``ready()``, resumes it to the end; returns the interrupted run's log."""
     command = [sys.executable, str(TRAIN_SCRIPT), "--config", str(SAMPLE_CONFIG)]
-    command += as_cli(tiny_overrides(tiny_dataset, killed, **settings))
-    with (tmp_path / "killed.log").open("w") as log:  # a file, not a pipe: a full pipe would stall the run
+    command += as_cli(tiny_overrides(tiny_dataset, folder, **RESUME_SETTINGS))
+    log_file = folder.with_suffix(".log")
+    with log_file.open("w") as log:  # a file, not a pipe: a full pipe would stall the run
         process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 200
-        while not (killed / "checkpoints" / "step-0000003").is_dir():
-            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint appeared"
+        while not ready():
+            assert process.poll() is None, log_file.read_text()[-3000:]
+            assert time.time() < deadline, "the run never got ready to be interrupted"
             time.sleep(0.01)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
-    done = sorted(p.name for p in (killed / "checkpoints").glob("step-*"))
-    assert "step-0000010" not in done, "the run finished before it could be killed"
+        os.kill(process.pid, sig)
+        process.wait(timeout=200)
+    assert process.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), log_file.read_text()[-3000:]
+    done = sorted(p.name for p in (folder / "checkpoints").glob("step-*"))
+    assert done and "step-0000010" not in done, "the run finished before it could be interrupted"
+    arguments = [
+        "--output-dir",
+        str(folder),
+        "--resume",
+        *as_cli(tiny_overrides(tiny_dataset, folder, **RESUME_SETTINGS)),
+    ]
+    resumed = run_cli(arguments)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    return log_file.read_text()
 
-    log = run_cli(["--output-dir", str(killed), "--resume", *as_cli(tiny_overrides(tiny_dataset, killed, **settings))])
-    assert "resumed from" in log.stdout + log.stderr
+
+def assert_same_end(straight: Path, resumed: Path) -> None:
     final_straight = load_file(straight / "checkpoints" / "step-0000010" / "model.safetensors")
-    final_resumed = load_file(killed / "checkpoints" / "step-0000010" / "model.safetensors")
+    final_resumed = load_file(resumed / "checkpoints" / "step-0000010" / "model.safetensors")
     assert final_straight.keys() == final_resumed.keys()
     for name, tensor in final_straight.items():
         torch.testing.assert_close(final_resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
-    rows = [json.loads((run / "history.json").read_text()) for run in (straight, killed)]
+    rows = [json.loads((run / "history.json").read_text()) for run in (straight, resumed)]
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
     assert [r["val_dice"] for r in rows[0]] == pytest.approx([r["val_dice"] for r in rows[1]], abs=1e-6)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_dataset: Path, tmp_path: Path, straight_run) -> None:
+    """Checkpoint at step 3 of 4 per epoch (mid-epoch), kill -9, resume: same final weights as a straight run."""
+    killed = tmp_path / "killed"
+    interrupt_and_resume(tiny_dataset, killed, (killed / "checkpoints" / "step-0000003").is_dir, signal.SIGKILL)
+    assert_same_end(straight_run, killed)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(
+    tiny_dataset: Path, tmp_path: Path, straight_run
+) -> None:
+    """SIGTERM (a scheduler's notice) as soon as training starts: a checkpoint after the current step, exit 143, and
+    the resumed run ends with the same weights and history as an uninterrupted one."""
+    stopped = tmp_path / "stopped"
+
+    def started() -> bool:
+        log = stopped / "train.log"
+        return log.is_file() and "start:" in log.read_text()
+
+    output = interrupt_and_resume(tiny_dataset, stopped, started, signal.SIGTERM)
+    assert "interrupted: stopped by SIGTERM after step" in output and "--resume" in output
+    assert "Traceback" not in output
+    assert "interrupted: stopped by SIGTERM" in (stopped / "train.log").read_text()
+    assert_same_end(straight_run, stopped)
 
 
 def test_two_process_cpu_ddp_really_has_two_ranks(tiny_dataset: Path, tmp_path: Path) -> None:

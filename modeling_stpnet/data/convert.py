@@ -18,6 +18,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from ..messages import first_few
 from ..text_repository import ScaleAwareTextRepository
 from .descriptions import MaskDescriber
 from .io import DataError, encode_jpeg, encode_png, mask_array, mask_to_image, open_image, to_rgb8
@@ -212,7 +213,12 @@ def convert_raw(
                 continue
             rows.append(row)
         if not rows:
-            raise DataError(f"split {split!r} is empty after conversion ({len(records)} candidates; see skips)")
+            # The report with the skips never reaches a caller once this raises, so the message carries them.
+            reasons = [f"{skip.file}: {skip.reason}" for skip in report.skips if skip.split == split]
+            raise DataError(
+                f"split {split!r} is empty after conversion: all {len(records)} candidates were skipped "
+                f"({first_few(reasons, 2) if reasons else 'none listed'})"
+            )
         columns = {key: [row[key] for row in rows] for key in features}
         result[split] = datasets.Dataset.from_dict(columns, features=features, split=split)
         report.counts[split] = len(rows)

@@ -9,12 +9,14 @@ See :func:`run_training` for the returned dict and for training other models (``
 from .config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_train_config, read_config_file
 from .evaluation import evaluate_split
 from .model import build_model_config, build_stpnet_model, load_repository
-from .trainer import LoopState, run_training
+from .resume import LoopState, TrainingInterrupted
+from .trainer import run_training
 
 __all__ = [
     "ConfigError",
     "LoopState",
     "TrainConfig",
+    "TrainingInterrupted",
     "apply_overrides",
     "build_model_config",
     "build_stpnet_model",

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from ..data.io import blocking_file
 from ..image_processing_stpnet import STPNetImageProcessor
 from ..messages import first_few
+from ..safe_write import is_write_failure, replace_folder, swap_in, write_error
 from .config import ConfigError
 from .evaluation import EVALUATION_FILES, OVERLAY_FILE, OVERLAY_FOLDER
 
@@ -25,6 +26,7 @@ CHECKPOINTS = "checkpoints"
 RUN_OUTPUTS = (
     "best",
     ".best-staging",
+    ".best.previous",
     "history.json",
     "history.csv",
     "run.json",
@@ -38,27 +40,28 @@ TEST_DIR = "test"  # the test split's evaluation (evaluation.EVALUATION_FILES an
 # config, which a fresh run may take over.
 RESULTS = ("best", CHECKPOINTS, "history.json", "history.csv", "run.json", f"{TEST_DIR}/metrics.json")
 _STEP = re.compile(r"step-(\d+)")
-_CHECKPOINT_DIRS = re.compile(r"(?:\.staging-)?step-\d+")
+_CHECKPOINT_DIRS = re.compile(r"(?:\.staging-)?step-\d+|\.step-\d+\.previous")
 # What the config of a run's checkpoints decides about the network: resuming with other values would either fail in
 # load_state with a long size-mismatch error or silently train a model its config no longer describes.
 MODEL_KEYS = ("model", "text", "data.image_size")
 CONFIG_FILE = "train_config.yaml"
+BEST_STAGING = ".best-staging"
 
 
 def save_best(
     model: Any, processor: STPNetImageProcessor, output_dir: Path, row: dict[str, Any], config_yaml: str
 ) -> Path:
     """``save_pretrained`` (weights as safetensors, config with the text repository, remote code) plus the image
-    processor into a staging folder that then replaces ``best/``, so ``best/`` is never half written."""
-    best, staging = output_dir / "best", output_dir / ".best-staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    (staging / "train_config.yaml").write_text(config_yaml)
-    (staging / "selection.json").write_text(json.dumps({"selected_on": "validation dice", **row}, indent=2) + "\n")
-    shutil.rmtree(best, ignore_errors=True)
-    os.replace(staging, best)
-    return best
+    processor into a staging folder that then replaces ``best/``, so ``best/`` is never half written: a failed write
+    (full disk, read-only folder) keeps the previous ``best/`` and raises ``OutputWriteError`` naming it."""
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / "train_config.yaml").write_text(config_yaml)
+        (staging / "selection.json").write_text(json.dumps({"selected_on": "validation dice", **row}, indent=2) + "\n")
+
+    return replace_folder(output_dir / "best", write, staging=output_dir / BEST_STAGING)
 
 
 def checkpoint_steps(output_dir: Path) -> list[tuple[int, Path]]:
@@ -80,21 +83,29 @@ def save_checkpoint(
     ``train_config.yaml`` beside it so that a resume can be checked against the config the weights were built from.
 
     Written under a staging name and renamed when complete, so a run killed while saving leaves nothing that looks
-    like a whole checkpoint; only the newest ``keep`` up to ``step`` are kept. A checkpoint numbered above ``step``
-    cannot come from this run's past (steps only grow), so pruning never touches it.
+    like a whole checkpoint, and a failed write (full disk, read-only folder) removes the staging folder, keeps the
+    earlier checkpoints and raises ``OutputWriteError``; only the newest ``keep`` up to ``step`` are kept. A
+    checkpoint numbered above ``step`` cannot come from this run's past (steps only grow), so pruning never touches
+    it.
     """
     root = output_dir / CHECKPOINTS
     final, staging = root / f"step-{step:07d}", root / f".staging-step-{step:07d}"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    try:
+        accelerator.save_state(str(staging))
+        if accelerator.is_main_process and config_yaml is not None:
+            (staging / CONFIG_FILE).write_text(config_yaml)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_write_failure(error):
+            kept = "the earlier checkpoints are kept unchanged; free space and resume with --resume"
+            raise write_error(final, error, kept) from error
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if config_yaml is not None:
-            (staging / CONFIG_FILE).write_text(config_yaml)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
+        swap_in(staging, final)
         ours = [path for number, path in checkpoint_steps(output_dir) if number <= step]
         for old in ours[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

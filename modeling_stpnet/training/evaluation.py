@@ -12,6 +12,7 @@ Every image is scored twice from one forward pass:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from ..metrics import (
     retrieval_accuracy,
     segmentation_scores,
 )
+from ..safe_write import save_image, write_text
 from ..visualize import LESION_COLOUR, TRUTH_COLOUR, overlay_mask, side_by_side, titled
 from .data import EpochBatchSampler, SegmentationDataset, make_loader, model_inputs
 
@@ -189,7 +191,7 @@ def evaluate_split(
     if output_dir is not None:
         output = Path(output_dir)
         output.mkdir(parents=True, exist_ok=True)
-        (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text(output / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         dice = dice_from_counts(pred["counts"]).numpy()
         _write_per_image(output / "per_image.csv", split, pred, categories)
         if num_overlays > 0:
@@ -222,33 +224,32 @@ def _write_per_image(path: Path, split: datasets.Dataset, pred: dict[str, Any], 
     names = list(split["name"]) if "name" in split.features else [str(i) for i in range(len(split))]
     dice, iou = dice_from_counts(pred["counts"]), iou_from_counts(pred["counts"])
     dice_in, iou_in = dice_from_counts(pred["input_counts"]), iou_from_counts(pred["input_counts"])
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        header = [
-            "index",
-            "name",
-            "height",
-            "width",
-            "dice",
-            "iou",
-            "dice_input",
-            "iou_input",
-            "predicted_px",
-            "target_px",
-        ]
-        header += (
-            [f"{c}_{kind}" for c in categories for kind in ("true", "retrieved")]
-            if pred["retrieved"] is not None
-            else []
-        )
-        writer.writerow(header)
-        for n, i in enumerate(pred["indices"]):
-            row = [i, names[i], *pred["sizes"][n].tolist()]
-            row += [f"{float(v[n]):.6f}" for v in (dice, iou, dice_in, iou_in)]
-            row += [int(pred["counts"][n, 1]), int(pred["counts"][n, 2])]
-            if pred["retrieved"] is not None:
-                row += [int(v) for k in range(len(categories)) for v in (pred["true"][n, k], pred["retrieved"][n, k])]
-            writer.writerow(row)
+    table = io.StringIO(newline="")  # written whole at the end: a failed write keeps the previous file
+    writer = csv.writer(table)
+    header = [
+        "index",
+        "name",
+        "height",
+        "width",
+        "dice",
+        "iou",
+        "dice_input",
+        "iou_input",
+        "predicted_px",
+        "target_px",
+    ]
+    header += (
+        [f"{c}_{kind}" for c in categories for kind in ("true", "retrieved")] if pred["retrieved"] is not None else []
+    )
+    writer.writerow(header)
+    for n, i in enumerate(pred["indices"]):
+        row = [i, names[i], *pred["sizes"][n].tolist()]
+        row += [f"{float(v[n]):.6f}" for v in (dice, iou, dice_in, iou_in)]
+        row += [int(pred["counts"][n, 1]), int(pred["counts"][n, 2])]
+        if pred["retrieved"] is not None:
+            row += [int(v) for k in range(len(categories)) for v in (pred["true"][n, k], pred["retrieved"][n, k])]
+        writer.writerow(row)
+    write_text(path, table.getvalue())
 
 
 def write_overlays(
@@ -283,6 +284,6 @@ def write_overlays(
         )
         position = rank + 1 if kind == "worst" else rank - min(count, len(order)) + 1
         path = folder / f"{kind}_{position:02d}_{names[index]}_dice{dice[index]:.3f}.png"
-        panel.save(path)
+        save_image(panel, path)
         written.append(path)
     return written

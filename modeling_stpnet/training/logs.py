@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+from ..safe_write import atomic_file, write_text
+
 
 def write_history(history: list[dict[str, Any]], output_dir: Path) -> None:
-    """``history.json`` (rows as written) and ``history.csv`` (union of the rows' columns, in first-seen order)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    """``history.json`` (rows as written) and ``history.csv`` (union of the rows' columns, in first-seen order);
+    each replaced whole, so a failed write keeps the previous history."""
+    write_text(output_dir / "history.json", json.dumps(history, indent=2) + "\n")
     columns: list[str] = []
     for row in history:
         columns += [k for k in row if k not in columns]
-    with (output_dir / "history.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(output_dir / "history.csv", table.getvalue())
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
@@ -54,9 +58,11 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
     right.legend()
     right.grid(alpha=0.3)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        with atomic_file(path) as temporary:
+            figure.savefig(temporary, dpi=110, format="png")
+    finally:
+        plt.close(figure)
     return path
 
 

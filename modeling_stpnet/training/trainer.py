@@ -24,7 +24,6 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..data import MaskDescriber, load_stpnet_dataset
+from ..safe_write import write_text
 from ..text_repository import ScaleAwareTextRepository
 from .augment import TextLabelPolicy
 from .checkpoints import check_output_dir, check_resume_config, clear_run, save_best, save_checkpoint
@@ -43,33 +43,11 @@ from .evaluation import evaluate_split, validate
 from .gradients import clip_gradients, gradient_groups
 from .logs import append_log, plot_history, scalar_items, write_history
 from .model import accepts_text_labels, build_stpnet_model, load_initial_weights, load_repository, training_processor
+from .resume import LoopState, TerminationWatch, TrainingInterrupted
 from .schedule import build_optimizer, build_scheduler
 
 ModelFactory = Callable[[TrainConfig, ScaleAwareTextRepository], torch.nn.Module]
 LOSS_PARTS = ("loss", "dice_loss", "bce_loss", "retrieval_loss", "classifier_loss")
-
-
-@dataclass
-class LoopState:
-    """What the loop itself must remember across a resume (saved with ``register_for_checkpointing``)."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    best_dice: float = -1.0
-    best_step: int = -1
-    evals_without_improvement: int = 0
-    stopped_early: bool = False
-    loss_sums: dict[str, float] = field(default_factory=dict)
-    loss_steps: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
 
 
 def as_train_config(config: TrainConfig | dict | str | os.PathLike) -> TrainConfig:
@@ -199,6 +177,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
+        acc = self.accelerator
+        # SIGTERM from here to the end of the loop ends in a checkpoint and TrainingInterrupted (resume.py).
+        with TerminationWatch() as self.termination:
+            self._start()
+            while self.state.step < self.total_steps and not self.state.stopped_early:
+                self._train_epoch()
+        self.bar.close()
+        result = self._finish()
+        if self.tensorboard:
+            acc.end_training()
+        return result
+
+    def _start(self) -> None:
         acc, t = self.accelerator, self.cfg.train
         checkpoint = self.checkpoint
         if checkpoint is not None:
@@ -210,7 +201,7 @@ class Trainer:
         self.run_info = self._run_info(checkpoint)
         if self.main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "train_config.yaml").write_text(self.cfg.to_yaml())
+            write_text(self.output_dir / "train_config.yaml", self.cfg.to_yaml())
             append_log(self.output_dir, f"start: {json.dumps(self.run_info)}")
             acc.print(
                 f"training {self.total_steps} steps on {acc.num_processes} process(es), {len(self.train_set)} train / "
@@ -218,13 +209,6 @@ class Trainer:
             )
         show = self.main and t.progress
         self.bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", disable=not show)
-        while self.state.step < self.total_steps and not self.state.stopped_early:
-            self._train_epoch()
-        self.bar.close()
-        result = self._finish()
-        if self.tensorboard:
-            acc.end_training()
-        return result
 
     def _train_epoch(self) -> None:
         """From the next unconsumed batch to the end of the epoch, or until training must stop."""
@@ -274,10 +258,17 @@ class Trainer:
             self.bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_dice=f"{row['val_dice']:.4f}")
             self.model.train()
         stop = last or state.stopped_early
-        if stop or (t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0):
-            save_checkpoint(acc, self.output_dir, state.step, t.keep_checkpoints, self.cfg.to_yaml())
+        interrupted = not stop and self.termination.agreed(acc)
+        if stop or interrupted or (t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0):
+            saved = save_checkpoint(acc, self.output_dir, state.step, t.keep_checkpoints, self.cfg.to_yaml())
             if self.main:
                 plot_history(state.history, self.output_dir / "training_curves.png")
+            if interrupted:
+                self.bar.close()
+                error = TrainingInterrupted(state.step, saved)
+                if self.main:
+                    append_log(self.output_dir, f"interrupted: {error}")
+                raise error
         return stop or epoch_end
 
     def _evaluate(self) -> dict[str, Any]:
@@ -365,7 +356,7 @@ class Trainer:
         if self.main:
             summary = {**self.run_info, **{k: v for k, v in result.items() if k not in ("history", "is_main_process")}}
             summary["wall_time_s"] = round(time.time() - self.started, 2)
-            (self.output_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_text(self.output_dir / "run.json", json.dumps(summary, indent=2) + "\n")
             append_log(self.output_dir, f"end: best validation dice {state.best_dice:.4f} at step {state.best_step}")
             acc.print(f"best validation Dice {state.best_dice:.4f} at step {state.best_step}; model: {best_dir}")
         return result
