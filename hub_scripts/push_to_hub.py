@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         "from_pretrained still computes in float32",
     )
     parser.add_argument(
+        "--refresh-code",
+        action="store_true",
+        help="replace the checkpoint's remote-code files with this version's (the weights must still load into it)",
+    )
+    parser.add_argument(
         "--sample-metrics",
         type=Path,
         default=None,
@@ -102,6 +107,7 @@ def build_folder(
     folder: Path,
     weights_dtype: str = "float32",
     sample_metrics: dict[str, Any] | None = None,
+    refresh_code: bool = False,
 ) -> Path:
     """Copy the checkpoint files and write README.md (the filled template) and metrics.json into ``folder``."""
     require_checkpoint(model_dir)
@@ -109,6 +115,8 @@ def build_folder(
     for path in sorted(model_dir.iterdir()):
         if path.is_file():
             shutil.copy2(path, folder / path.name)
+    if refresh_code:
+        refresh_remote_code(folder)
     if weights_dtype == "float16":
         store_half_precision(folder)
     values = card_values(model_dir, metrics, repo_id)
@@ -119,6 +127,23 @@ def build_folder(
     if sample_metrics is not None:
         (folder / SAMPLE_METRICS).write_text(json.dumps(sample_metrics, indent=2) + "\n")
     return folder
+
+
+def refresh_remote_code(folder: Path) -> None:
+    """The remote-code files of this package version in place of the checkpoint's own (a checkpoint carries the code
+    it was trained with), after checking that the weights load into this version's model with every key."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    from modeling_stpnet import STPNetForSemanticSegmentation, STPNetImageProcessor
+
+    _, info = STPNetForSemanticSegmentation.from_pretrained(folder, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if k != "error_msgs" and v}
+    if problems:
+        raise ValueError(f"{folder}: the weights do not fit this version's model ({problems}); keep its own code")
+    for old in folder.glob("*.py"):
+        old.unlink()
+    custom_object_save(STPNetForSemanticSegmentation, folder)
+    custom_object_save(STPNetImageProcessor(), folder)
 
 
 def store_half_precision(folder: Path) -> None:
@@ -238,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = find_metrics(args.model, args.metrics)
         options = {
+            "refresh_code": args.refresh_code,
             "weights_dtype": args.weights_dtype,
             "sample_metrics": json.loads(args.sample_metrics.read_text()) if args.sample_metrics else None,
         }

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 import yaml
 from runs import ROOT, SAMPLE_CONFIG, hub_script
+from safetensors import safe_open
 
-from modeling_stpnet import STPNetImageProcessor
+from modeling_stpnet import STPNetForSemanticSegmentation, STPNetImageProcessor
 from modeling_stpnet.model_card import results_note as note
 from modeling_stpnet.training import build_stpnet_model, load_repository, load_train_config
 
@@ -107,6 +108,26 @@ def test_dry_run_folder_has_the_card_and_loads_with_remote_code(tmp_path: Path) 
     result = run([*check, str(tmp_path / "logits.pt")], tmp_path, env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "REMOTE OK" in result.stdout
+
+    # the committed checkpoint's way: half-precision weights, this version's code, the sample's score in the card
+    stale = best / "modeling_stpnet.py"
+    stale.write_text(stale.read_text() + "\n# stale copy\n")
+    (tmp_path / "sample.json").write_text(json.dumps({"dice": 0.5432, "num_images": 8}))
+    packed = tmp_path / "packed"
+    options = ["--weights-dtype", "float16", "--refresh-code", "--sample-metrics", str(tmp_path / "sample.json")]
+    result = run([sys.executable, str(PUSH), "--model", str(best), "--dry-run", str(packed), *options], tmp_path, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with safe_open(str(packed / "model.safetensors"), "pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} <= {torch.float16, torch.int64}
+    assert json.loads((packed / "config.json").read_text())["dtype"] == "float32"
+    package = ROOT / "modeling_stpnet" / "modeling_stpnet.py"
+    assert (packed / "modeling_stpnet.py").read_text() == package.read_text()
+    assert "| Dice on the bundled sample's 8 test images" in (packed / "README.md").read_text()
+    assert json.loads((packed / "sample_metrics.json").read_text())["dice"] == 0.5432
+    reloaded = STPNetForSemanticSegmentation.from_pretrained(packed).eval()
+    assert reloaded.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, torch.load(tmp_path / "logits.pt"), atol=0.05, rtol=0.05)
 
     no_metrics = run(
         [sys.executable, str(PUSH), "--model", str(best), "--metrics", "nope.json", "--dry-run", "x"], tmp_path, env
