@@ -32,6 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from modeling_stpnet import STPNetImageProcessor  # noqa: E402
+from modeling_stpnet.optimize import optimize_for_inference  # noqa: E402
 from modeling_stpnet.predict import CheckpointError, load_checkpoint  # noqa: E402
 
 DEFAULT_OPSET = 18
@@ -52,11 +53,12 @@ class ExportWrapper(nn.Module):
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """STPNet or the U-Net baseline from a `save_pretrained` folder, checked like every other tool loads it.
+    """STPNet or the U-Net baseline from a `save_pretrained` folder, checked like every other tool loads it, with the
+    rewrites of `optimize_for_inference` that keep a graph of standard operators for every input size.
 
     Raises `CheckpointError` saying what is wrong with the checkpoint."""
     model, _, _ = load_checkpoint(path, model_types=("stpnet", "stpnet-unet"))
-    return model.eval()
+    return optimize_for_inference(model, cpu_kernels=False)
 
 
 def output_names(model: nn.Module) -> list[str]:

@@ -36,6 +36,7 @@ from PIL import Image
 from .data.io import DataError, load_image, mask_to_image
 from .image_processing_stpnet import MIN_SIDE, STPNetImageProcessor
 from .messages import first_few
+from .optimize import optimize_for_inference
 from .visualize import overlay_mask
 
 DEFAULT_CHECKPOINT = "outputs/sample-tiny/best"
@@ -447,7 +448,7 @@ class STPNetPredictor:
         """Load through :func:`load_checkpoint` (local folder or Hub id) onto ``device``."""
         target = resolve_device(device)
         model, processor, notes = load_checkpoint(name_or_path)
-        return cls(model.to(target), processor, str(name_or_path), notes)
+        return cls(optimize_for_inference(model.to(target), target.type == "cpu"), processor, str(name_or_path), notes)
 
     @torch.inference_mode()
     def predict(self, images: Sequence[Image.Image], threshold: float = 0.5, tta: bool = False) -> list[Prediction]:
