@@ -213,7 +213,7 @@ def _sentence_mismatch(config: Any) -> list[str]:
     """The stored text embeddings were encoded from other sentences than ``config.json`` lists (an edited
     ``text_sentences``/``text_categories``): no shape shows it while the counts agree, but every retrieved
     description would be wrong. Checkpoints saved before the fingerprint existed have none and are not checked."""
-    from .text_repository import repository_fingerprint
+    from .configuration_stpnet import repository_fingerprint
 
     stored = getattr(config, "text_embeddings_fingerprint", None)
     if not stored or not getattr(config, "use_text", True):

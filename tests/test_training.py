@@ -74,9 +74,9 @@ def test_training_smoke_writes_a_loadable_best_model(tiny_dataset: Path, tmp_pat
     assert 0 <= result["test_metrics"]["dice"] <= 1 and (run / "test" / "metrics.json").is_file()
 
     best = Path(result["best_dir"])
-    assert {"model.safetensors", "config.json", "preprocessor_config.json", "text_repository.py"} <= {
-        p.name for p in best.iterdir()
-    }
+    saved = {p.name for p in best.iterdir()}
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "configuration_stpnet.py"} <= saved
+    assert "text_repository.py" not in saved and "optimize.py" not in saved  # toolkit code stays out
     model = STPNetForSemanticSegmentation.from_pretrained(best)
     assert model.config.text_categories == ["count", "size", "horizontal", "vertical"]
     assert model.config.image_size == 64 and model.config.text_hidden_size == 384
