@@ -6,7 +6,10 @@ and inference; that is what a checkpoint ships and what `from_pretrained` builds
 modules by others that compute the same function from the same parameters, in a form that is cheaper on the CPU
 (BatchNorm folded into convolutions, SSA's dilated depthwise convolutions as shifted multiply-adds, ...). The
 replacements take over the original modules' submodules and parameters under the same names, so `state_dict()` is
-unchanged. Nothing in the modeling files imports this module.
+unchanged. Nothing in the modeling files imports this module. Prediction, the demo (through the predictor), the ONNX
+export and the speed benchmarks call `optimize_for_inference`, the trainer `optimize_for_training`; each rewrite is
+kept only while it pays for itself inside the model (`benchmarks/breakdown.py --optimize`, PERFORMANCE.md section
+14).
 
 Modules are matched by class name: a checkpoint loads as remote code, whose classes are copies of this package's
 classes rather than the same Python objects.
@@ -31,8 +34,10 @@ def optimize_for_inference(model: nn.Module, cpu_kernels: bool = True) -> nn.Mod
             multiply-adds, upsampling as matrix products); `False` keeps every rewrite a plain graph of standard
             operators that serves every input size (GPUs, ONNX export, `torch.export`).
 
-    The rewritten FusionBlock and TokenGridToMap fold BatchNorm's running statistics into their arithmetic, so the
-    model stays in eval mode: `train()` raises afterwards (load the checkpoint again to train).
+    The result is for inference only. The rewritten FusionBlock and TokenGridToMap fold BatchNorm's running
+    statistics into their arithmetic, so `train()` raises afterwards (load the checkpoint again to train); they
+    work in place on their own intermediates, so the model computes no gradients: its parameters stop requiring
+    them, and gradients with respect to the input (e.g. saliency maps) need the plain model.
     """
     rewrites: dict[str, Any] = {
         "FusionBlock": InferenceFusionBlock,
@@ -40,7 +45,7 @@ def optimize_for_inference(model: nn.Module, cpu_kernels: bool = True) -> nn.Mod
     }
     if cpu_kernels:
         rewrites["SSA"] = ShiftedTapsSSA
-    _replace(model.eval(), rewrites)
+    _replace(model.eval().requires_grad_(False), rewrites)
     return model
 
 
@@ -84,7 +89,8 @@ class _SameParameters(nn.Module):
 
 
 class _EvalOnly(_SameParameters):
-    """BatchNorm folded into convolutions is only the same function with BatchNorm's running statistics."""
+    """A rewrite that folds BatchNorm into convolutions: the same function only with BatchNorm's running statistics,
+    so it refuses training mode."""
 
     def __init__(self, plain: nn.Module) -> None:
         super().__init__(plain)
@@ -152,6 +158,12 @@ class InferenceTokenGridToMap(_EvalOnly):
 def _interpolation_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`(n_out, n_in)` linear-interpolation weights with PyTorch's align_corners=False rule: source position
     `(i + 0.5) * n_in / n_out - 0.5`, clamped at 0, between the two nearest inputs (the last one repeats)."""
+    # A normal tensor even when first built under inference_mode, so that a later call with autograd can save it.
+    with torch.inference_mode(False), torch.no_grad():
+        return _linear_interpolation(n_in, n_out).to(dtype=dtype, device=device)
+
+
+def _linear_interpolation(n_in: int, n_out: int) -> torch.Tensor:
     source = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
     low = source.floor().long().clamp(max=n_in - 1)
     high = (low + 1).clamp(max=n_in - 1)
@@ -160,7 +172,7 @@ def _interpolation_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: tor
     rows = torch.arange(n_out)
     matrix.index_put_((rows, low), 1 - frac, accumulate=True)
     matrix.index_put_((rows, high), frac, accumulate=True)
-    return matrix.to(dtype=dtype, device=device)
+    return matrix
 
 
 def fold_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,6 +70,20 @@ def test_an_optimized_model_refuses_training(randomise_batchnorm) -> None:
         fast.train()
 
 
+def test_an_optimized_model_runs_without_no_grad(randomise_batchnorm) -> None:
+    """Its parameters are frozen, so a call with autograd on builds no graph; that works after a first call under
+    inference_mode too (which builds the cached interpolation matrices)."""
+    plain, fast = _plain_and_optimized(PRESETS["stpnet-tiny"], randomise_batchnorm)
+    assert not any(p.requires_grad for p in fast.parameters())
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        first = fast(x).logits
+    again = fast(x).logits
+    assert not again.requires_grad and torch.equal(again, first)
+    with torch.no_grad():
+        torch.testing.assert_close(again, plain(x).logits, atol=1e-5 * first.abs().max().item(), rtol=0)
+
+
 def test_optimize_for_training_has_the_plain_models_outputs_and_gradients() -> None:
     torch.manual_seed(0)
     config = copy.deepcopy(PRESETS["stpnet-tiny"])
