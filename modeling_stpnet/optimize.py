@@ -26,40 +26,39 @@ from torch.nn import functional as F
 
 
 def optimize_for_inference(model: nn.Module, cpu_kernels: bool = True) -> nn.Module:
-    """Put `model` in eval mode and replace its FusionBlock and TokenGridToMap modules (and with `cpu_kernels` its
-    SSA modules), in place, by cheaper forms of the same function; returns `model`.
+    """Put `model` in eval mode and replace its SSA, FusionBlock and TokenGridToMap modules, in place, by cheaper
+    forms of the same function; returns `model`.
 
     Args:
         cpu_kernels: also use the forms that serve eager inference on the CPU (SSA's dilated convolutions as shifted
             multiply-adds, upsampling as matrix products); `False` keeps every rewrite a plain graph of standard
             operators that serves every input size (GPUs, ONNX export, `torch.export`).
 
-    The result is for inference only. The rewritten FusionBlock and TokenGridToMap fold BatchNorm's running
+    The result is for inference only. The rewritten modules fold BatchNorm's running
     statistics into their arithmetic, so `train()` raises afterwards (load the checkpoint again to train); they
     work in place on their own intermediates, so the model computes no gradients: its parameters stop requiring
     them, and gradients with respect to the input (e.g. saliency maps) need the plain model.
     """
     rewrites: dict[str, Any] = {
-        "FusionBlock": InferenceFusionBlock,
+        "SSA": lambda m: InferenceSSA(m, cpu_kernels),
+        "FusionBlock": lambda m: InferenceFusionBlock(m, cpu_kernels),
         "TokenGridToMap": lambda m: InferenceTokenGridToMap(m, cpu_kernels),
     }
-    if cpu_kernels:
-        rewrites["SSA"] = ShiftedTapsSSA
     _replace(model.eval().requires_grad_(False), rewrites)
     return model
 
 
 def optimize_for_training(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """For training on the CPU, replace SSA's dilated depthwise convolutions, in place, by shifted multiply-adds with
-    their own backward (oneDNN's kernels for dilated depthwise convolutions are slow on the CPU, its backward most);
-    returns `model`.
+    """For training on the CPU, replace, in place, SSA's dilated depthwise convolutions by shifted multiply-adds and
+    the 1x1 convolutions to one channel (`ConvToOneChannel`: the mask head, SSA's spatial gate) by a matrix product,
+    each with its own backward: oneDNN's kernels for both are slow on the CPU, their backward most. Returns `model`.
 
-    The replacement computes the same function in training and eval mode and keeps every parameter and BatchNorm
+    The replacements compute the same function in training and eval mode and keep every parameter and BatchNorm
     statistic where it was, so checkpoints saved during training are those of the plain model. On other devices
     `model` is returned unchanged.
     """
     if torch.device(device).type == "cpu":
-        _replace(model, {"SSA": ShiftedTapsSSA})
+        _replace(model, {"SSA": ShiftedTapsSSA, "ConvToOneChannel": OneChannelProduct})
     return model
 
 
@@ -105,27 +104,92 @@ class _EvalOnly(_SameParameters):
         return super().train(False)
 
 
+class OneChannelProduct(_SameParameters):
+    """A 1x1 convolution to one channel (`ConvToOneChannel`) as one batched matrix product, which autograd
+    differentiates. `(B, C, H, W) → (B, 1, H, W)`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        weight = self.weight.view(1, 1, c).expand(b, -1, -1)
+        flat = x.reshape(b, c, h * w)
+        return torch.baddbmm(self.bias.view(1, 1, 1), weight, flat).view(b, 1, h, w)
+
+
 class ShiftedTapsSSA(_SameParameters):
-    """SSA with the sum of its dilated depthwise convolutions as shifted multiply-adds (`_DilatedDepthwiseSum`, with
-    its own backward), in training and eval mode alike."""
+    """SSA with the sum of its dilated depthwise convolutions as `shifted_dilated_sum`, in training and eval mode
+    alike."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.reduce(x)
         spatial = y * torch.sigmoid(self.spatial_gate(self.spatial_dw(y)))
-        multi_scale = y * self.scale_mix(_DilatedDepthwiseSum.apply(y, *_stacked_taps(self.dilated)))
+        multi_scale = y * self.scale_mix(shifted_dilated_sum(y, self.dilated))
         return x + self.fuse(torch.cat([spatial, multi_scale], dim=1))
+
+
+class InferenceSSA(_EvalOnly):
+    """SSA in eval mode: the fusing 1x1 conv runs on the two branches separately with BatchNorm folded into it, so
+    neither the gated copy of `y` nor the concatenation is made (the spatial gate is one value per pixel and commutes
+    with a 1x1 conv). With `cpu_kernels`, the dilated convolutions' sum is `shifted_dilated_sum`, the second branch
+    accumulates into the first one's output (`_add_pointwise_conv_`), and the spatial gate's depthwise 3x3 and its
+    1x1 conv to one channel are composed (`_gate_logits`), so the depthwise output is never made."""
+
+    def __init__(self, plain: nn.Module, cpu_kernels: bool) -> None:
+        super().__init__(plain)
+        self.cpu_kernels = cpu_kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.reduce(x)
+        weight, bias = fold_batchnorm(*self.fuse)
+        c = y.shape[1]
+        if not self.cpu_kernels:
+            gate = torch.sigmoid(self.spatial_gate(self.spatial_dw(y)))  # (B, 1, H, W)
+            multi_scale = self.scale_mix(sum(conv(y) for conv in self.dilated)).mul_(y)
+            out = F.conv2d(y, weight[:, :c]).mul_(gate).add_(bias.view(1, -1, 1, 1))
+            return out.add_(F.conv2d(multi_scale, weight[:, c:])).add_(x)
+        gate = torch.sigmoid(self._gate_logits(y))
+        multi_scale = self.scale_mix(shifted_dilated_sum(y, self.dilated)).mul_(y)
+        out = F.conv2d(y, weight[:, :c]).mul_(gate).add_(bias.view(1, -1, 1, 1))
+        return _add_pointwise_conv_(out, multi_scale, weight[:, c:]).add_(x)
+
+    def _gate_logits(self, y: torch.Tensor) -> torch.Tensor:
+        """`spatial_gate(spatial_dw(y))` as one linear map: each of the 3x3 taps contracts the channels with
+        `gate_weight * dw_weight[:, tap]` (one matrix product for all nine), and the nine one-channel maps are
+        summed shifted. `(B, C, H, W) → (B, 1, H, W)`."""
+        b, c, h, w = y.shape
+        gate_w = self.spatial_gate.weight[0, :, 0, 0]  # (C,)
+        bias = self.spatial_gate.bias + (self.spatial_dw.bias * gate_w).sum()
+        taps = (gate_w[:, None] * self.spatial_dw.weight.view(c, 9)).t()  # (9, C)
+        if y.is_contiguous():
+            taps = (taps @ y.view(b, c, h * w)).view(b, 9, h, w)
+        else:  # channels-last: as a product it would copy `y` first; oneDNN's 1x1 conv reads it in place
+            taps = F.conv2d(y, taps[:, :, None, None])
+        taps = F.pad(taps, (1, 1, 1, 1))  # zero padding of the conv
+        out = bias.view(1, 1, 1).expand(b, h, w).clone()
+        for k in range(9):
+            i, j = divmod(k, 3)
+            out += taps[:, k, i : i + h, j : j + w]
+        return out.unsqueeze(1)
 
 
 class InferenceFusionBlock(_EvalOnly):
     """FusionBlock in eval mode with fewer full-resolution tensors and passes: BatchNorm folded into the convs; the
-    merging 1x1 conv applied to `x` and to `t` separately and summed (no concatenated copy); the residual's identity
-    folded into its weight; the two branches as one conv with 2 groups (no split copies, no concatenation)."""
+    merging 1x1 conv applied to `x` and to `t` separately and summed (no concatenated copy; with `cpu_kernels`
+    accumulated in place, `_add_pointwise_conv_`); the residual's identity folded into its weight; the two branches
+    as one conv with 2 groups (no split copies, no concatenation)."""
+
+    def __init__(self, plain: nn.Module, cpu_kernels: bool) -> None:
+        super().__init__(plain)
+        self.cpu_kernels = cpu_kernels
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         (merge_conv, merge_norm, _), (residual_conv, residual_norm) = self.merge, self.residual
         c = x.shape[1]
         weight, bias = fold_batchnorm(merge_conv, merge_norm)
-        z = F.conv2d(x, weight[:, :c], bias).add_(F.conv2d(t, weight[:, c:])).relu_()
+        z = F.conv2d(x, weight[:, :c], bias)
+        if self.cpu_kernels:
+            z = _add_pointwise_conv_(z, t, weight[:, c:]).relu_()
+        else:
+            z = z.add_(F.conv2d(t, weight[:, c:])).relu_()
         weight, bias = fold_batchnorm(residual_conv, residual_norm)
         identity = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device).view_as(weight)
         z = F.conv2d(z, weight + identity, bias).relu_()  # z + conv(z) = (W + I) z
@@ -175,6 +239,22 @@ def _linear_interpolation(n_in: int, n_out: int) -> torch.Tensor:
     return matrix
 
 
+def _add_pointwise_conv_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`out += F.conv2d(x, weight)` for a 1x1 `weight` `(Co, Ci, 1, 1)`, accumulated in place: one batched matrix
+    product into `out`'s memory rather than a new tensor of `out`'s size, which at large batches costs fresh pages.
+    Other layouts, mixed dtypes and autocast (the conv casts its operands; a product with out= does not) get the
+    conv. `(B, Co, H, W), (B, Ci, H, W) → out`."""
+    if torch.is_autocast_enabled(out.device.type) or not (
+        out.dtype == x.dtype == weight.dtype and out.is_contiguous() and x.is_contiguous()
+    ):
+        return out.add_(F.conv2d(x, weight))
+    b, co = out.shape[:2]
+    flat = out.view(b, co, -1)
+    # out= rather than baddbmm_: the same kernel, and torch's FLOP counter sees it (it skips the in-place form).
+    torch.baddbmm(flat, weight.reshape(co, -1).expand(b, -1, -1), x.view(b, x.shape[1], -1), out=flat)
+    return out
+
+
 def fold_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """`(weight, bias)` such that `F.conv2d(x, weight, bias)` equals `norm(conv(x))` with `norm` in eval mode."""
     scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
@@ -185,6 +265,12 @@ def fold_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------------- shifted taps
+def shifted_dilated_sum(x: torch.Tensor, convs: nn.ModuleList) -> torch.Tensor:
+    """`sum(conv(x) for conv in convs)` for depthwise 3x3 convs with padding = dilation, as shifted multiply-adds
+    with their own backward (`_DilatedDepthwiseSum`). `(B, C, H, W) → (B, C, H, W)`."""
+    return _DilatedDepthwiseSum.apply(x, *_stacked_taps(convs))
+
+
 def _stacked_taps(convs: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
     """Weights `(K, C, 3, 3)`, summed bias `(C,)` and dilations of depthwise 3x3 convs with padding = dilation."""
     weight = torch.stack([conv.weight[:, 0] for conv in convs])

@@ -35,9 +35,8 @@ def test_optimize_for_inference_computes_the_plain_model(preset: str, cpu_kernel
     config.zero_init_ssa = False  # an SSA that starts as the identity would check nothing
     plain, fast = _plain_and_optimized(config, randomise_batchnorm, cpu_kernels=cpu_kernels)
     kinds = {type(m).__name__ for m in fast.modules()}
-    assert {"InferenceFusionBlock", "InferenceTokenGridToMap"} <= kinds
-    assert not {"FusionBlock", "TokenGridToMap"} & kinds
-    assert ("ShiftedTapsSSA" in kinds) == cpu_kernels and ("SSA" in kinds) != cpu_kernels
+    assert {"InferenceSSA", "InferenceFusionBlock", "InferenceTokenGridToMap"} <= kinds
+    assert not {"SSA", "FusionBlock", "TokenGridToMap"} & kinds
     assert list(fast.state_dict()) == list(plain.state_dict())
     x = torch.randn(2, 3, 96, 64, generator=torch.Generator().manual_seed(1))  # non-square
     with torch.no_grad():
@@ -90,7 +89,7 @@ def test_optimize_for_training_has_the_plain_models_outputs_and_gradients() -> N
     config.zero_init_ssa = False
     plain = STPNetForSemanticSegmentation(config).train()
     fast = opt.optimize_for_training(copy.deepcopy(plain), "cpu")
-    assert "ShiftedTapsSSA" in {type(m).__name__ for m in fast.modules()}
+    assert {"ShiftedTapsSSA", "OneChannelProduct"} <= {type(m).__name__ for m in fast.modules()}
     assert list(fast.state_dict()) == list(plain.state_dict())
     x = torch.randn(2, 3, 64, 96)
     labels = (torch.rand(2, 64, 96) > 0.7).float()
@@ -109,6 +108,22 @@ def test_optimize_for_training_has_the_plain_models_outputs_and_gradients() -> N
     }
 
 
+def test_one_channel_product_equals_the_convolution() -> None:
+    from modeling_stpnet.blocks import ConvToOneChannel
+
+    torch.manual_seed(0)
+    conv = ConvToOneChannel(8)
+    product = opt.OneChannelProduct(conv)
+    x = torch.randn(3, 8, 10, 12, requires_grad=True)
+    out, expected = product(x), conv(x)
+    assert out.shape == (3, 1, 10, 12) and torch.allclose(out, expected, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, product.weight, product.bias])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, conv.weight, conv.bias])
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads, expected_grads, strict=True))
+    channels_last = x.detach().contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(product(channels_last), expected.detach(), atol=1e-5)
+
+
 def _dilated_convs() -> torch.nn.ModuleList:
     torch.manual_seed(0)
     return torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=d, dilation=d, groups=8) for d in (6, 12, 18))
@@ -123,14 +138,14 @@ def test_shifted_taps_sum_matches_the_convolutions(chunked: bool, monkeypatch) -
         x = torch.randn(2, 8, h, w)
         with torch.no_grad():
             expected = sum(conv(x) for conv in convs)
-            got = opt._DilatedDepthwiseSum.apply(x, *opt._stacked_taps(convs))
+            got = opt.shifted_dilated_sum(x, convs)
         assert torch.allclose(got, expected, atol=1e-5)
     # 16-bit inputs are summed in float32 and come back in their dtype and memory layout
     low = convs.to(torch.bfloat16)
     for layout in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(2, 8, 28, 20).to(torch.bfloat16, memory_format=layout)
         with torch.no_grad():
-            got = opt._DilatedDepthwiseSum.apply(x, *opt._stacked_taps(low))
+            got = opt.shifted_dilated_sum(x, low)
             expected = sum(
                 F.conv2d(x.float(), c.weight.float(), c.bias.float(), 1, c.padding, c.dilation, 8) for c in low
             )
@@ -150,12 +165,12 @@ def test_dilated_depthwise_sum_has_the_gradients_of_the_convolutions(
     x = torch.randn(2, 8, *size, requires_grad=True)
     grad_out = torch.randn(2, 8, *size)
     parameters = [x, *convs.parameters()]
-    got = torch.autograd.grad(opt._DilatedDepthwiseSum.apply(x, *opt._stacked_taps(convs)), parameters, grad_out)
+    got = torch.autograd.grad(opt.shifted_dilated_sum(x, convs), parameters, grad_out)
     expected = torch.autograd.grad(sum(conv(x) for conv in convs), parameters, grad_out)
     for a, b in zip(got, expected, strict=True):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # computed in float32 under autocast, and differentiable
-        y = opt._DilatedDepthwiseSum.apply(x.to(torch.bfloat16), *opt._stacked_taps(convs))
+        y = opt.shifted_dilated_sum(x.to(torch.bfloat16), convs)
     assert y.dtype == torch.float32
     y.sum().backward()
     assert x.grad is not None and convs[0].weight.grad is not None
