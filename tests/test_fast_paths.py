@@ -49,6 +49,23 @@ def test_optimize_for_inference_computes_the_plain_model(preset: str, cpu_kernel
     assert torch.equal(got.retrieved_indices, expected.retrieved_indices)
 
 
+def test_a_checkpoint_loaded_as_remote_code_is_rewritten(tmp_path, randomise_batchnorm) -> None:
+    """The predictor loads checkpoints as remote code, whose classes are copies of the package's: the rewrites find
+    them by class name."""
+    from transformers import AutoModel
+
+    plain, _ = _plain_and_optimized(PRESETS["stpnet-tiny"], randomise_batchnorm)
+    plain.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded).__module__.startswith("transformers_modules")
+    fast = opt.optimize_for_inference(loaded)
+    kinds = {type(m).__name__ for m in fast.modules()}
+    assert {"InferenceSSA", "InferenceFusionBlock", "InferenceTokenGridToMap"} <= kinds
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x).logits, plain(x).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_optimize_for_inference_in_channels_last_and_bfloat16(randomise_batchnorm) -> None:
     config = common.variant_config(PRESETS["stpnet-tiny"], "shared")
     config.zero_init_ssa = False
