@@ -4,6 +4,7 @@
     python benchmarks/breakdown.py --preset stpnet-paper --variant shared --size 224
     python benchmarks/breakdown.py --baseline-ref HEAD --json benchmarks/results/optimisation.json --profile
     python benchmarks/breakdown.py --train --batch 8 --size 128 --preset stpnet-tiny --baseline-ref HEAD
+    python benchmarks/breakdown.py --optimize --rounds 15 --threads 1
 
 Times every top-level block (stem, down blocks, SSA, retrieval, UTrans, its reconstruct steps, up blocks, fusion
 blocks, head) with forward hooks, CPU fp32, interleaved rounds, medians. `--baseline-ref REF` also loads
@@ -12,6 +13,9 @@ both give the same logits and reports both against the U-Net and the working tre
 (median and interquartile range of the per-round ratios). `--profile` adds torch.profiler's top operators for the
 current model. `--train` times training steps instead (train mode, forward with the Dice + BCE and retrieval losses,
 backward; block times are then those of the forward part) and compares losses and gradients before/after.
+`--optimize` adds the model as rewritten by `modeling_stpnet.optimize` (`optimize_for_inference`, with `--train`
+`optimize_for_training`) beside the plain one, the U-Net rewritten too, and reports the rewritten model against
+the plain one, paired round by round.
 
 Each row also counts the minor page faults per forward pass (fresh pages the kernel had to hand out and zero, i.e.
 memory the allocator returned and took back; Linux/macOS `getrusage`). Rerun with `--keep-memory` (glibc keeps what
@@ -23,6 +27,7 @@ what they cost each model.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import statistics
@@ -45,6 +50,7 @@ except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
 
 from modeling_stpnet.cpu_memory import keep_freed_memory  # noqa: E402  (common puts the checkout on sys.path)
+from modeling_stpnet.optimize import optimize_for_inference, optimize_for_training  # noqa: E402
 
 try:
     import resource
@@ -122,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--baseline-ref", help="git revision whose modeling_stpnet is the 'before' model")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators")
     parser.add_argument("--train", action="store_true", help="time training steps (forward + losses + backward)")
+    parser.add_argument("--optimize", action="store_true", help="add the model rewritten by modeling_stpnet.optimize")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
         "--keep-memory",
@@ -139,6 +146,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     models: dict[str, nn.Module] = {unet_spec[0]: unet_spec[2]().train(args.train)}
     torch.manual_seed(0)
     models[name] = common.STPNetForSemanticSegmentation(config).train(args.train)
+    optimized_name = f"{name} (optimized)"
+    if args.optimize:
+
+        def rewrite(model: nn.Module) -> nn.Module:
+            return optimize_for_training(model, "cpu") if args.train else optimize_for_inference(model)
+
+        rewrite(models[unet_spec[0]])
+        models[optimized_name] = rewrite(copy.deepcopy(models[name]))
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=generator)
     targets = {  # only used with --train; the U-Net ignores the text labels
@@ -164,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch_size": args.batch,
             "rounds": args.rounds,
             "dtype": "fp32",
+            "optimize": args.optimize,
         },
         "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "keep_freed_memory": kept,
@@ -191,6 +207,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "mask_agreement": ((new.logits > 0) == (old.logits > 0)).float().mean().item(),
                 "retrieved_indices_equal": bool(torch.equal(new.retrieved_indices, old.retrieved_indices)),
             }
+            if args.optimize:
+                with torch.inference_mode(not args.train):
+                    rewritten = step(models[optimized_name])
+                difference = (rewritten.logits - old.logits).abs().max().item()
+                result["equivalence"]["optimized_max_abs_logit_diff"] = difference
             if args.train:
                 gradients = {n: p.grad for n, p in before.named_parameters() if p.grad is not None}
                 result["equivalence"] |= {
@@ -237,6 +258,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.baseline_ref:  # the change itself, paired round by round: < 1 means faster than before
             ratio, p25, p75 = common.paired_ratio(totals[name], totals[before_name])
             result["after_vs_before"] = {"median": round(ratio, 4), "iqr": [round(p25, 4), round(p75, 4)]}
+            if args.optimize:
+                ratio, p25, p75 = common.paired_ratio(totals[optimized_name], totals[before_name])
+                result["optimized_vs_before"] = {"median": round(ratio, 4), "iqr": [round(p25, 4), round(p75, 4)]}
+        if args.optimize:
+            ratio, p25, p75 = common.paired_ratio(totals[optimized_name], totals[name])
+            result["optimized_vs_plain"] = {"median": round(ratio, 4), "iqr": [round(p25, 4), round(p75, 4)]}
 
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
@@ -262,9 +289,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         low, high = r["ratio_to_unet_iqr"]
         ratio_text = f"x{r['ratio_to_unet']:.2f} (IQR {low:.2f}-{high:.2f}) vs {ref}"
         print(f"{r['model']:<40} {r['latency_ms']:>9.1f} ms  {ratio_text}{faults_text}")
-    if "after_vs_before" in result:
-        change = result["after_vs_before"]
-        print(f"after / before, per round: {change['median']:.3f} (IQR {change['iqr'][0]:.3f}-{change['iqr'][1]:.3f})")
+    for key in ("after_vs_before", "optimized_vs_before", "optimized_vs_plain"):
+        if key in result:
+            change = result[key]
+            low, high = change["iqr"]
+            print(f"{key.replace('_vs_', ' / ')}, per round: {change['median']:.3f} (IQR {low:.3f}-{high:.3f})")
     if "equivalence" in result:
         print(f"before/after equivalence: {result['equivalence']}")
     print(

@@ -12,7 +12,9 @@ width: `unet` = base 64 for stpnet-paper, `unet-c32` for stpnet-small, `unet-c16
 interquartile range of those per-round ratios, parameters, GMACs per image (torch.utils.flop_counter), peak memory
 (`common.PeakMemory`, after the timing) and the training step (forward + backward + AdamW, Dice+BCE, plus the
 retrieval losses for STPNet). On CUDA the inference rows are also run compiled (torch.compile), in bf16 and in bf16
-compiled (`--variants` picks them on any device). Writes `benchmarks/results/<name>.json` and `<name>.png`.
+compiled (`--variants` picks them on any device). The inference rows run the models as prediction does, rewritten by
+`modeling_stpnet.optimize.optimize_for_inference` (`--plain`: as built), the training rows as training does
+(`optimize_for_training`). Writes `benchmarks/results/<name>.json` and `<name>.png`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ try:
 except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
 
-from modeling_stpnet.summary import count_gmacs, count_parameters  # noqa: E402  (common puts the repo on sys.path)
+from modeling_stpnet.optimize import optimize_for_inference, optimize_for_training  # noqa: E402  (common: sys.path)
+from modeling_stpnet.summary import count_gmacs, count_parameters  # noqa: E402
 
 MIN_TIMED_SECONDS = 0.05  # fast models repeat their forward pass within one timing to get above timer noise
 
@@ -79,6 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--show", type=Path, metavar="JSON", help="only print a results file as a Markdown table of ratios (no run)"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--plain", action="store_true", help="inference rows without optimize_for_inference")
     parser.add_argument(
         "--channels-last",
         action="store_true",
@@ -198,18 +202,29 @@ class ModelSet:
     """The models of one run, plus lazily made bf16 / compiled copies of them (`--variants`)."""
 
     def __init__(
-        self, builds: dict[str, Callable[[], torch.nn.Module]], device: torch.device, channels_last: bool = False
+        self,
+        builds: dict[str, Callable[[], torch.nn.Module]],
+        device: torch.device,
+        channels_last: bool = False,
+        plain: bool = False,
     ) -> None:
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.plain = plain
         self.fp32 = {
             name: build().eval().to(device, memory_format=self.memory_format) for name, build in builds.items()
         }
-        self._variants: dict[tuple[str, bool], dict[str, torch.nn.Module]] = {("fp32", False): self.fp32}
+        self._variants: dict[tuple[str, bool], dict[str, torch.nn.Module]] = {}
 
     def get(self, dtype: str, compiled: bool) -> dict[str, torch.nn.Module]:
         if (dtype, compiled) not in self._variants:
-            base = {n: copy.deepcopy(m).to(torch.bfloat16) if dtype == "bf16" else m for n, m in self.fp32.items()}
+            # The compiler makes its own kernels: it gets the rewrites that are plain graphs of standard operators.
+            cpu_kernels = self.device.type == "cpu" and not compiled
+            base = {
+                n: m if self.plain else optimize_for_inference(copy.deepcopy(m), cpu_kernels)
+                for n, m in self.fp32.items()
+            }
+            base = {n: copy.deepcopy(m).to(torch.bfloat16) if dtype == "bf16" else m for n, m in base.items()}
             self._variants[dtype, compiled] = {n: torch.compile(m) for n, m in base.items()} if compiled else base
         return self._variants[dtype, compiled]
 
@@ -219,7 +234,10 @@ class ModelSet:
         x = torch.randn(setting.batch, 3, setting.size, setting.size, generator=seed).to(self.device, dtype)
         x = x.contiguous(memory_format=self.memory_format)
         if setting.mode == "train":
-            return {n: train_step(m, x, self.device) for n, m in self.fp32.items()}
+            return {
+                n: train_step(optimize_for_training(copy.deepcopy(m), self.device), x, self.device)
+                for n, m in self.fp32.items()
+            }
         return {n: inference_step(m, x) for n, m in self.get(setting.dtype, setting.compiled).items()}
 
 
@@ -259,7 +277,7 @@ def run(args: argparse.Namespace, progress: Callable[[dict[str, Any]], None] | N
               "(consider --threads 1 or a quiet machine)")  # fmt: skip
 
     print(f"building {len(specs)} models: {', '.join(builds)}", flush=True)
-    models = ModelSet(builds, device, args.channels_last)
+    models = ModelSet(builds, device, args.channels_last, args.plain)
     static, gmacs = {}, {}
     for name, model in models.fp32.items():
         cpu_model = model if device.type == "cpu" else copy.deepcopy(model).cpu()
@@ -287,6 +305,7 @@ def run(args: argparse.Namespace, progress: Callable[[dict[str, Any]], None] | N
                 "dtype": setting.dtype,
                 "compiled": setting.compiled,
                 "memory_format": "channels_last" if args.channels_last else "contiguous",
+                "optimized": setting.mode == "train" or not args.plain,
                 "image_size": setting.size,
                 "batch_size": setting.batch,
                 "latency_ms": round(median * 1e3, 2),

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from modeling_stpnet import STPNetImageProcessor  # noqa: E402
 from modeling_stpnet.extras import EXPORT_MODULES, exit_unless_installed  # noqa: E402
+from modeling_stpnet.optimize import optimize_for_inference  # noqa: E402
 from modeling_stpnet.predict import CheckpointError, load_checkpoint  # noqa: E402
 
 DEFAULT_OPSET = 18
@@ -57,11 +58,12 @@ class ExportWrapper(nn.Module):
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """STPNet or the U-Net baseline from a `save_pretrained` folder, checked like every other tool loads it.
+    """STPNet or the U-Net baseline from a `save_pretrained` folder, checked like every other tool loads it, with the
+    rewrites of `optimize_for_inference` that keep a graph of standard operators for every input size.
 
     Raises `CheckpointError` saying what is wrong with the checkpoint."""
     model, _, _ = load_checkpoint(path, model_types=("stpnet", "stpnet-unet"))
-    return model.eval()
+    return optimize_for_inference(model, cpu_kernels=False)
 
 
 def output_names(model: nn.Module) -> list[str]:

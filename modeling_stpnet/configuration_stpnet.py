@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from typing import Any
 
 from transformers import PretrainedConfig
 
-from .text_repository import validate_repository
-
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RETRIEVAL_BACKBONES = ("resnet101", "resnet50", "resnet34", "resnet18", "shared", "backbone")
 
 # STPNet's four QaTa-COV19 categories (configuration/text/qata-cov19.json), the default repository.
@@ -250,6 +252,36 @@ class STPNetConfig(PretrainedConfig):
         if not 0.0 <= self.teacher_forcing_prob <= 1.0:
             raise ValueError(f"STPNetConfig.teacher_forcing_prob must be in [0, 1], got {self.teacher_forcing_prob}")
         validate_repository(self.text_categories, self.text_sentences)
+
+
+def repository_fingerprint(categories: list[str], sentences: list[list[str]]) -> str:
+    """Short digest of a repository's categories and sentences, exactly as written (order matters: it is the
+    entry index the retrieval heads learned)."""
+    payload = json.dumps([list(categories), [list(s) for s in sentences]], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def validate_repository(categories: list[str], sentences: list[list[str]]) -> None:
+    """Raise `ValueError` with the exact problem if the categories/sentences are not a usable repository."""
+    if not categories:
+        raise ValueError("The text repository needs at least one category")
+    if len(categories) != len(sentences):
+        raise ValueError(f"{len(categories)} category names but {len(sentences)} sentence lists")
+    if len(set(categories)) != len(categories):
+        raise ValueError(f"Category names must be unique, got {categories}")
+    for name, entries in zip(categories, sentences):
+        if not _NAME_RE.match(name):
+            raise ValueError(f"Category name {name!r} must be a Python identifier (letters, digits, underscore)")
+        if len(entries) < 2:
+            raise ValueError(f"Category {name!r} needs at least 2 sentences, got {len(entries)}")
+        normalised = [normalise_sentence(s) for s in entries]
+        if len(set(normalised)) != len(normalised) or any(not s for s in normalised):
+            raise ValueError(f"Category {name!r} has empty or duplicate sentences: {entries}")
+
+
+def normalise_sentence(sentence: str) -> str:
+    """A sentence as repository lookups compare it: case and surrounding spaces and periods ignored."""
+    return sentence.strip().strip(".").strip().lower()
 
 
 def resolve_backbone_config(backbone: str | None, backbone_config: Any) -> dict[str, Any] | None:

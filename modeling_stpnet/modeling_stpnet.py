@@ -27,10 +27,9 @@ from .blocks import (
     decoder_widths,
     unet_up_blocks,
 )
-from .configuration_stpnet import STPNetConfig, check_transformer_widths
+from .configuration_stpnet import STPNetConfig, check_transformer_widths, repository_fingerprint
 from .losses import IGNORE_INDEX, bce_loss, dice_loss, focal_loss
 from .retrieval_stpnet import TextRetrievalNetwork
-from .text_repository import repository_fingerprint
 from .transformer_stpnet import UTrans
 
 

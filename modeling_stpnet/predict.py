@@ -36,6 +36,7 @@ from PIL import Image
 from .data.io import DataError, load_image, mask_to_image
 from .image_processing_stpnet import MIN_SIDE, STPNetImageProcessor
 from .messages import first_few
+from .optimize import optimize_for_inference
 from .visualize import overlay_mask
 
 DEFAULT_CHECKPOINT = "outputs/sample-tiny/best"
@@ -212,7 +213,7 @@ def _sentence_mismatch(config: Any) -> list[str]:
     """The stored text embeddings were encoded from other sentences than ``config.json`` lists (an edited
     ``text_sentences``/``text_categories``): no shape shows it while the counts agree, but every retrieved
     description would be wrong. Checkpoints saved before the fingerprint existed have none and are not checked."""
-    from .text_repository import repository_fingerprint
+    from .configuration_stpnet import repository_fingerprint
 
     stored = getattr(config, "text_embeddings_fingerprint", None)
     if not stored or not getattr(config, "use_text", True):
@@ -450,7 +451,7 @@ class STPNetPredictor:
         """Load through :func:`load_checkpoint` (local folder or Hub id) onto ``device``."""
         target = resolve_device(device)
         model, processor, notes = load_checkpoint(name_or_path)
-        return cls(model.to(target), processor, str(name_or_path), notes)
+        return cls(optimize_for_inference(model.to(target), target.type == "cpu"), processor, str(name_or_path), notes)
 
     @torch.inference_mode()
     def predict(self, images: Sequence[Image.Image], threshold: float = 0.5, tta: bool = False) -> list[Prediction]:

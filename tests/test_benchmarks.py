@@ -226,10 +226,14 @@ def test_paired_ratio_is_the_median_and_quartiles_of_same_round_ratios() -> None
 
 def test_breakdown_times_every_block(tmp_path: Path) -> None:
     out = tmp_path / "breakdown.json"
-    result = breakdown.main(["--preset", "stpnet-tiny", "--size", "64", "--rounds", "1", "--json", str(out)])
-    (unet, stpnet) = result["rows"]
+    argv = ["--preset", "stpnet-tiny", "--size", "64", "--rounds", "1", "--optimize", "--json", str(out)]
+    result = breakdown.main(argv)
+    (unet, stpnet, optimized) = result["rows"]
     assert unet["model"] == "unet-c16" and stpnet["model"] == "stpnet-tiny-shared"
-    assert {"ssa.0", "utrans", "fusions.3", "retrieval"} <= set(stpnet["blocks_ms"])
+    assert optimized["model"] == "stpnet-tiny-shared (optimized)" and result["setting"]["optimize"]
+    assert result["optimized_vs_plain"]["median"] > 0
+    for row in (stpnet, optimized):  # the rewritten modules keep their names, so their blocks are timed too
+        assert {"ssa.0", "utrans", "utrans.reconstruct.0", "fusions.3", "retrieval"} <= set(row["blocks_ms"])
     assert json.loads(out.read_text())["rows"][1]["ratio_to_unet"] > 0
     if breakdown.resource is not None:  # page faults counted per model and forward pass
         assert all(

@@ -1,8 +1,8 @@
 """STPNet on a CUDA GPU (every test skips without one; `python benchmarks/device_checks.py` runs them on a GPU machine).
 
-The CPU-only fast paths (ConvToOneChannel's matrix product, the custom autograd function of SSA's dilated taps, the
-1x1 accumulation into existing memory) give way to the plain layers on other devices, so the GPU's numbers are
-checked against the CPU's here: eval logits and retrieval, a training step's loss and gradients, bf16, a compiled
+The model runs the same code on every device; the predictor rewrites it with `optimize_for_inference`, with the
+CPU-only forms (SSA's shifted taps, matrix-product upsampling) on the CPU and without them on a GPU. The GPU's numbers
+are checked against the CPU's here: eval logits and retrieval, a training step's loss and gradients, bf16, a compiled
 model, and the predictor. No test here needs the text encoder or a dataset (the models keep their placeholder
 text embeddings), so they run on a machine that has only torch and transformers.
 """

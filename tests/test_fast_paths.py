@@ -1,5 +1,6 @@
-"""The inference fast paths of the model's blocks (the speed work of benchmarks/PERFORMANCE.md): each computes the
-documented function of the plain code, in values and gradients, in either memory layout and in 16-bit inputs."""
+"""The opt-in rewrites of `modeling_stpnet.optimize` (the speed work of benchmarks/PERFORMANCE.md): each computes
+the plain model's function from the same parameters, in values and gradients, in either memory layout and in
+16-bit inputs, on every preset."""
 
 from __future__ import annotations
 
@@ -10,104 +11,161 @@ import torch
 from torch.nn import functional as F
 
 from benchmarks import common
+from modeling_stpnet import STPNetForSemanticSegmentation
+from modeling_stpnet import optimize as opt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PRESETS = common.preset_configs(None)
 
 
-@pytest.mark.parametrize(
-    ("backbone", "layout"),
-    [("shared", torch.contiguous_format), ("resnet18", torch.contiguous_format), ("shared", torch.channels_last)],
-)
-def test_inference_fast_paths_compute_the_documented_function(
-    backbone: str, layout: torch.memory_format, randomise_batchnorm
-) -> None:
-    """SSA, FusionBlock and TokenGridToMap run cheaper code in eval mode; it must give the numbers of the plain
-    (training-mode) code with BatchNorm in eval mode, in either memory layout."""
-    from modeling_stpnet import STPNetForSemanticSegmentation
-    from modeling_stpnet.blocks import SSA, FusionBlock
-    from modeling_stpnet.transformer_stpnet import TokenGridToMap
-
-    config = common.variant_config(common.preset_configs(["stpnet-tiny"])["stpnet-tiny"], "default")
-    config.retrieval_backbone = backbone
+def _plain_and_optimized(config, randomise_batchnorm, **options) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
-    model = STPNetForSemanticSegmentation(config).eval()
+    plain = STPNetForSemanticSegmentation(config).eval()
     with torch.no_grad():
-        randomise_batchnorm(model)
-        model.to(memory_format=layout)
-        x = torch.randn(2, 3, 160, 128).contiguous(memory_format=layout)  # non-square; 1/8 maps < largest dilation
-        fast = model(x)
-        for module in model.modules():
-            if isinstance(module, (SSA, FusionBlock, TokenGridToMap)):
-                module.training = True  # the plain code path; BatchNorm and everything else stay in eval mode
-        plain = model(x)
-    scale = plain.logits.abs().max()
-    assert (fast.logits - plain.logits).abs().max() <= 1e-5 * scale
-    assert torch.equal(fast.retrieved_indices, plain.retrieved_indices)
+        randomise_batchnorm(plain)
+    return plain, opt.optimize_for_inference(copy.deepcopy(plain), **options)
 
 
-def test_conv_to_one_channel_equals_the_convolution() -> None:
-    """The mask head and SSA's gate run as a matrix product on CPU: the outputs and gradients of `nn.Conv2d` in
-    any memory layout, and exporters still see one convolution."""
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_optimize_for_inference_computes_the_plain_model(preset: str, cpu_kernels: bool, randomise_batchnorm) -> None:
+    """Logits, retrieval logits and masks of the rewritten model are those of the plain model in eval mode, and its
+    state_dict is the plain model's (a backbone preset builds its MobileNetV2 without weights)."""
+    config = copy.deepcopy(PRESETS[preset])
+    config.zero_init_ssa = False  # an SSA that starts as the identity would check nothing
+    plain, fast = _plain_and_optimized(config, randomise_batchnorm, cpu_kernels=cpu_kernels)
+    kinds = {type(m).__name__ for m in fast.modules()}
+    assert {"InferenceSSA", "InferenceFusionBlock", "InferenceTokenGridToMap"} <= kinds
+    assert not {"SSA", "FusionBlock", "TokenGridToMap"} & kinds
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.randn(2, 3, 96, 64, generator=torch.Generator().manual_seed(1))  # non-square
+    with torch.no_grad():
+        expected, got = plain(x), fast(x)
+    scale = expected.logits.abs().max()
+    assert (got.logits - expected.logits).abs().max() <= 1e-5 * scale
+    assert torch.equal(got.logits > 0, expected.logits > 0)
+    for a, b in zip(got.retrieval_logits, expected.retrieval_logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.retrieved_indices, expected.retrieved_indices)
+
+
+def test_a_checkpoint_loaded_as_remote_code_is_rewritten(tmp_path, randomise_batchnorm) -> None:
+    """The predictor loads checkpoints as remote code, whose classes are copies of the package's: the rewrites find
+    them by class name."""
+    from transformers import AutoModel
+
+    plain, _ = _plain_and_optimized(PRESETS["stpnet-tiny"], randomise_batchnorm)
+    plain.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded).__module__.startswith("transformers_modules")
+    fast = opt.optimize_for_inference(loaded)
+    kinds = {type(m).__name__ for m in fast.modules()}
+    assert {"InferenceSSA", "InferenceFusionBlock", "InferenceTokenGridToMap"} <= kinds
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x).logits, plain(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_optimize_for_inference_in_channels_last_and_bfloat16(randomise_batchnorm) -> None:
+    config = common.variant_config(PRESETS["stpnet-tiny"], "shared")
+    config.zero_init_ssa = False
+    plain, fast = _plain_and_optimized(config, randomise_batchnorm)
+    x = torch.randn(2, 3, 160, 128)  # the 1/8 maps are smaller than the largest dilation
+    with torch.no_grad():
+        expected = plain(x).logits
+        fast.to(memory_format=torch.channels_last)
+        got = fast(x.contiguous(memory_format=torch.channels_last)).logits
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+        low = fast.to(torch.bfloat16)(x.to(torch.bfloat16)).logits
+    assert low.dtype == torch.bfloat16 and (low.float() > 0).eq(expected > 0).float().mean() > 0.95
+
+
+def test_an_optimized_model_refuses_training(randomise_batchnorm) -> None:
+    _, fast = _plain_and_optimized(PRESETS["stpnet-tiny"], randomise_batchnorm)
+    with pytest.raises(RuntimeError, match="optimize_for_inference"):
+        fast.train()
+
+
+def test_an_optimized_model_runs_without_no_grad(randomise_batchnorm) -> None:
+    """Its parameters are frozen, so a call with autograd on builds no graph; that works after a first call under
+    inference_mode too (which builds the cached interpolation matrices)."""
+    plain, fast = _plain_and_optimized(PRESETS["stpnet-tiny"], randomise_batchnorm)
+    assert not any(p.requires_grad for p in fast.parameters())
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        first = fast(x).logits
+    again = fast(x).logits
+    assert not again.requires_grad and torch.equal(again, first)
+    with torch.no_grad():
+        torch.testing.assert_close(again, plain(x).logits, atol=1e-5 * first.abs().max().item(), rtol=0)
+
+
+def test_optimize_for_training_has_the_plain_models_outputs_and_gradients() -> None:
+    torch.manual_seed(0)
+    config = copy.deepcopy(PRESETS["stpnet-tiny"])
+    config.zero_init_ssa = False
+    plain = STPNetForSemanticSegmentation(config).train()
+    fast = opt.optimize_for_training(copy.deepcopy(plain), "cpu")
+    assert {"ShiftedTapsSSA", "OneChannelProduct"} <= {type(m).__name__ for m in fast.modules()}
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    labels = (torch.rand(2, 64, 96) > 0.7).float()
+    text_labels = torch.zeros(2, config.num_text_categories, dtype=torch.long)
+    losses = [m(x, labels=labels, text_labels=text_labels).loss for m in (plain, fast)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=name)
+    running = [(n, b) for n, b in fast.named_buffers() if "running" in n]
+    for name, buffer in running:  # BatchNorm updated the same statistics
+        torch.testing.assert_close(buffer, plain.get_buffer(name), msg=name)
+    assert opt.optimize_for_training(plain, "cuda") is plain and "ShiftedTapsSSA" not in {
+        type(m).__name__ for m in plain.modules()
+    }
+
+
+def test_one_channel_product_equals_the_convolution() -> None:
     from modeling_stpnet.blocks import ConvToOneChannel
 
     torch.manual_seed(0)
-    head = ConvToOneChannel(8)
+    conv = ConvToOneChannel(8)
+    product = opt.OneChannelProduct(conv)
     x = torch.randn(3, 8, 10, 12, requires_grad=True)
-    out, expected = head(x), F.conv2d(x, head.weight, head.bias)
+    out, expected = product(x), conv(x)
     assert out.shape == (3, 1, 10, 12) and torch.allclose(out, expected, atol=1e-5)
-    grads = torch.autograd.grad(out.square().sum(), [x, head.weight, head.bias])
-    expected_grads = torch.autograd.grad(expected.square().sum(), [x, head.weight, head.bias])
-    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads, expected_grads))
+    grads = torch.autograd.grad(out.square().sum(), [x, product.weight, product.bias])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, conv.weight, conv.bias])
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads, expected_grads, strict=True))
     channels_last = x.detach().contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(head(channels_last), expected.detach(), atol=1e-5)
-    graph = torch.export.export(head.eval(), (x.detach(),)).graph
-    assert [n.target for n in graph.nodes if n.op == "call_function"] == [torch.ops.aten.conv2d.default]
+    assert torch.allclose(product(channels_last), expected.detach(), atol=1e-5)
 
 
-def test_add_pointwise_conv_accumulates_in_place_and_is_counted() -> None:
-    """The in-place 1x1 accumulation must equal a conv, write into `out`'s memory, and show in the GMAC count."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from modeling_stpnet.blocks import add_pointwise_conv_
-
+def _dilated_convs() -> torch.nn.ModuleList:
     torch.manual_seed(0)
-    out, x, weight = torch.randn(3, 6, 5, 7), torch.randn(3, 4, 5, 7), torch.randn(6, 4, 1, 1)
-    expected = out + F.conv2d(x, weight)
-    pointer = out.data_ptr()
-    with FlopCounterMode(display=False) as counter:
-        result = add_pointwise_conv_(out, x, weight)
-    assert result.data_ptr() == pointer
-    assert torch.allclose(result, expected, atol=1e-5)
-    assert counter.get_total_flops() == 2 * 3 * 6 * 4 * 5 * 7
-
-    # Under autograd (e.g. input saliency in eval mode) and autocast it falls back to the conv, with gradients.
-    x.requires_grad_(True)
-    add_pointwise_conv_(torch.zeros(3, 6, 5, 7), x, weight).sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = add_pointwise_conv_(F.conv2d(x.detach(), torch.ones(6, 4, 1, 1)), x.detach(), weight)
-    assert low.dtype == torch.bfloat16
+    return torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=d, dilation=d, groups=8) for d in (6, 12, 18))
 
 
-@pytest.mark.parametrize("chunked", [False, True])  # large maps go a few channels per pass (`blocks._CHUNK_BYTES`)
-def test_dilated_depthwise_sum_matches_the_convolutions(chunked: bool, monkeypatch) -> None:
-    from modeling_stpnet import blocks
-    from modeling_stpnet.blocks import dilated_depthwise_sum
-
+@pytest.mark.parametrize("chunked", [False, True])  # large maps go a few channels per pass (`_CHUNK_BYTES`)
+def test_shifted_taps_sum_matches_the_convolutions(chunked: bool, monkeypatch) -> None:
     if chunked:  # passes of 3, 3 and 2 of the 8 channels at 40 x 40, every channel at once on the smaller maps
-        monkeypatch.setattr(blocks, "_CHUNK_BYTES", 3 * 2 * 40 * 40 * 4)
-    torch.manual_seed(0)
-    convs = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=d, dilation=d, groups=8) for d in (6, 12, 18))
+        monkeypatch.setattr(opt, "_CHUNK_BYTES", 3 * 2 * 40 * 40 * 4)
+    convs = _dilated_convs()
     for h, w in [(28, 20), (7, 9), (40, 40)]:
         x = torch.randn(2, 8, h, w)
         with torch.no_grad():
             expected = sum(conv(x) for conv in convs)
-            assert torch.allclose(dilated_depthwise_sum(x, convs), expected, atol=1e-5)
-    # 16-bit eval inputs are summed in float32 and come back in their dtype and memory layout
+            got = opt.shifted_dilated_sum(x, convs)
+        assert torch.allclose(got, expected, atol=1e-5)
+    # 16-bit inputs are summed in float32 and come back in their dtype and memory layout
     low = convs.to(torch.bfloat16)
     for layout in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(2, 8, 28, 20).to(torch.bfloat16, memory_format=layout)
         with torch.no_grad():
-            got = dilated_depthwise_sum(x, low)
-            expected = sum(conv.float()(x.float()) for conv in copy.deepcopy(low))
+            got = opt.shifted_dilated_sum(x, low)
+            expected = sum(
+                F.conv2d(x.float(), c.weight.float(), c.bias.float(), 1, c.padding, c.dilation, 8) for c in low
+            )
         assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=layout)
         torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=1e-2)
 
@@ -117,23 +175,19 @@ def test_dilated_depthwise_sum_matches_the_convolutions(chunked: bool, monkeypat
 def test_dilated_depthwise_sum_has_the_gradients_of_the_convolutions(
     size: tuple[int, int], chunked: bool, monkeypatch
 ) -> None:
-    """Training uses the shifted sum's own backward on CPU: input, weight and bias gradients of the three convs."""
-    from modeling_stpnet import blocks
-    from modeling_stpnet.blocks import dilated_depthwise_sum
-
+    """The rewritten SSA uses the shifted sum's own backward: input, weight and bias gradients."""
     if chunked:
-        monkeypatch.setattr(blocks, "_CHUNK_BYTES", 3 * 2 * size[0] * size[1] * 4)  # passes of 3, 3 and 2 channels
-    torch.manual_seed(0)
-    convs = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=d, dilation=d, groups=8) for d in (6, 12, 18))
+        monkeypatch.setattr(opt, "_CHUNK_BYTES", 3 * 2 * size[0] * size[1] * 4)  # passes of 3, 3 and 2 channels
+    convs = _dilated_convs()
     x = torch.randn(2, 8, *size, requires_grad=True)
     grad_out = torch.randn(2, 8, *size)
     parameters = [x, *convs.parameters()]
-    got = torch.autograd.grad(dilated_depthwise_sum(x, convs), parameters, grad_out)
+    got = torch.autograd.grad(opt.shifted_dilated_sum(x, convs), parameters, grad_out)
     expected = torch.autograd.grad(sum(conv(x) for conv in convs), parameters, grad_out)
     for a, b in zip(got, expected, strict=True):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # computed in float32 under autocast, and differentiable
-        y = dilated_depthwise_sum(x.to(torch.bfloat16), convs)
+        y = opt.shifted_dilated_sum(x.to(torch.bfloat16), convs)
     assert y.dtype == torch.float32
     y.sum().backward()
     assert x.grad is not None and convs[0].weight.grad is not None

@@ -92,7 +92,7 @@ def test_dry_run_folder_has_the_card_and_loads_with_remote_code(tmp_path: Path) 
 
     files = {p.name for p in folder.iterdir()}
     assert {"README.md", "metrics.json", "config.json", "model.safetensors", "preprocessor_config.json"} <= files
-    assert {"modeling_stpnet.py", "text_repository.py", "train_config.yaml"} <= files
+    assert {"modeling_stpnet.py", "configuration_stpnet.py", "train_config.yaml"} <= files
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlicense: other\nlicense_name: kvasir-seg\n") and "${" not in card
     # the bundled sample: sizes stated, a pipeline check and no results widget that would read like a benchmark

@@ -285,6 +285,31 @@ def test_save_load_round_trip_identical_logits(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
+# What a checkpoint carries: the configuration, the modeling files and the image processor. Text encoding, data
+# preparation, training and the inference rewrites (`modeling_stpnet.optimize`) stay in the package.
+MODEL_CODE = [
+    "backbone_stpnet.py",
+    "blocks.py",
+    "configuration_stpnet.py",
+    "losses.py",
+    "modeling_stpnet.py",
+    "retrieval_stpnet.py",
+    "transformer_stpnet.py",
+]
+CHECKPOINT_FILES = ["config.json", "image_processing_stpnet.py", "model.safetensors", "preprocessor_config.json"]
+
+
+@pytest.mark.parametrize("model_type", ["stpnet", "unet"])
+def test_a_checkpoint_carries_the_model_only(tmp_path: Path, model_type: str) -> None:
+    from modeling_stpnet.unet import UNetConfig, UNetForSemanticSegmentation
+
+    model = build() if model_type == "stpnet" else UNetForSemanticSegmentation(UNetConfig(base_channels=8))
+    model.save_pretrained(tmp_path)
+    STPNetImageProcessor().save_pretrained(tmp_path)
+    extra = ["unet.py"] if model_type == "unet" else []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*MODEL_CODE, *CHECKPOINT_FILES, *extra])
+
+
 def test_checkpoint_from_another_config_is_refused(tmp_path: Path) -> None:
     build().save_pretrained(tmp_path)
     other = tiny_config(base_channels=32)

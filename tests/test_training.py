@@ -75,9 +75,9 @@ def test_training_smoke_writes_a_loadable_best_model(tiny_dataset: Path, tmp_pat
     assert 0 <= result["test_metrics"]["dice"] <= 1 and (run / "test" / "metrics.json").is_file()
 
     best = Path(result["best_dir"])
-    assert {"model.safetensors", "config.json", "preprocessor_config.json", "text_repository.py"} <= {
-        p.name for p in best.iterdir()
-    }
+    saved = {p.name for p in best.iterdir()}
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "configuration_stpnet.py"} <= saved
+    assert "text_repository.py" not in saved and "optimize.py" not in saved  # toolkit code stays out
     selection = json.loads((best / "selection.json").read_text())  # the model card states the data sizes from it
     assert selection["train_examples"] == 8 and selection["validation_examples"] == 4
     model = STPNetForSemanticSegmentation.from_pretrained(best)

@@ -33,6 +33,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..data import MaskDescriber, load_stpnet_dataset
+from ..optimize import optimize_for_training
 from ..safe_write import write_text
 from ..text_repository import ScaleAwareTextRepository
 from .augment import TextLabelPolicy
@@ -126,6 +127,7 @@ class Trainer:
             model = model_factory(cfg, repository)
         self.model_class = type(model)
         self.with_text = accepts_text_labels(model)
+        model = optimize_for_training(model, self.accelerator.device)
         optimizer = build_optimizer(model, t)
 
         policy = TextLabelPolicy(cfg.augment.text_labels, _describer(repository)) if cfg.augment.enabled else None
