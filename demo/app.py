@@ -1,6 +1,6 @@
 """STPNet lesion segmentation demo: a Gradio Blocks app that runs locally and as a Hugging Face Space.
 
-    python demo/app.py                                   # checkpoint: $STPNET_CHECKPOINT or outputs/sample-tiny/best
+    python demo/app.py                         # checkpoint: $STPNET_CHECKPOINT or checkpoints/stpnet-kvasir-seg
     python demo/app.py --checkpoint user/stpnet-kvasir   # a local folder or a Hub id
 
 Upload an image (or click an example): the app shows the predicted mask over the image, offers the mask as a PNG,
@@ -82,15 +82,15 @@ def find_examples(limit: int = 6) -> list[str]:
     images = SAMPLE / "images"
     if not images.is_dir():
         return []
-    # Test-split images only: the sample checkpoint was trained on the others.
+    # Test-split images only: they are official Kvasir-SEG validation images, which no committed or sample model saw.
     stems = (SAMPLE / "split_test.txt").read_text().split() if (SAMPLE / "split_test.txt").is_file() else []
     paths = [images / f"{stem}.jpg" for stem in stems] or sorted(images.glob("*.jpg"))
     return [str(p) for p in paths if p.is_file()][:limit]
 
 
 def default_checkpoint(checkpoint: str | None = None) -> str:
-    """``checkpoint``, else ``$STPNET_CHECKPOINT``, else ``checkpoint/`` next to the app (a Space), else the sample
-    job's ``outputs/sample-tiny/best``."""
+    """``checkpoint``, else ``$STPNET_CHECKPOINT``, else ``checkpoint/`` next to the app (a Space), else the
+    committed ``checkpoints/stpnet-kvasir-seg``."""
     bundled = HERE / "checkpoint"
     if not checkpoint and not os.environ.get(CHECKPOINT_ENV) and (bundled / "config.json").is_file():
         return str(bundled)
@@ -266,7 +266,7 @@ def _without_folder(message: str, file: str) -> str:
 
 
 def build_demo(checkpoint: str | None = None, lock_checkpoint: bool | None = None) -> gr.Blocks:
-    """The app. ``checkpoint``: folder or Hub id (default ``$STPNET_CHECKPOINT``, else the sample job's output).
+    """The app. ``checkpoint``: folder or Hub id (default ``$STPNET_CHECKPOINT``, else the committed Kvasir-SEG model).
 
     ``lock_checkpoint`` (default: on in a Hugging Face Space) fixes the checkpoint: loading a user-chosen Hub id
     with ``trust_remote_code`` would run that repository's code on the server.
@@ -369,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--checkpoint",
         default=None,
-        help="checkpoint folder or Hub id (default: $STPNET_CHECKPOINT or outputs/sample-tiny/best)",
+        help="checkpoint folder or Hub id (default: $STPNET_CHECKPOINT or checkpoints/stpnet-kvasir-seg)",
     )
     parser.add_argument("--host", default=None, help="server address (default 127.0.0.1, or $GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860, or $GRADIO_SERVER_PORT)")

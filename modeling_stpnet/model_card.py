@@ -30,6 +30,8 @@ DATASETS = {
         "terms": "open access for research and education; commercial use needs the owners' permission (Simula)",
         "license_name": "kvasir-seg",
         "license_link": "https://datasets.simula.no/kvasir-seg/",
+        "splits": "As `prepare_dataset.py` builds Kvasir-SEG, `train` is the official training list (880 images, the "
+        "validation split carved from it) and `test` the official validation list (120 images).",
     },
     "qata-cov19": {
         "name": "QaTa-COV19",
@@ -104,14 +106,16 @@ def _images(value: Any) -> str:
     return f"{value} images" if isinstance(value, int) else "an unrecorded number of images"
 
 
-def _data_description(data: dict[str, Any], metrics: dict[str, Any], split: str, sizes: dict[str, Any]) -> str:
+def _data_description(
+    data: dict[str, Any], metrics: dict[str, Any], split: str, sizes: dict[str, Any], splits: str = ""
+) -> str:
     carved = data.get("validation_from_train")
     selection = f"a {carved:.0%} seeded carve of train" if carved else f"split `{data.get('validation_split', '?')}`"
     return (
         f"Dataset `{data.get('dataset', metrics.get('dataset', '?'))}`: trained on {_images(sizes['train'])} of "
         f"split `{data.get('train_split', 'train')}`, checkpoint selected on {_images(sizes['validation'])} "
         f"({selection}), evaluated on {_images(metrics.get('num_images'))} of split `{split}` of "
-        f"`{metrics.get('dataset', '?')}`."
+        f"`{metrics.get('dataset', '?')}`." + (f" {splits}" if splits else "")
     )
 
 
@@ -255,7 +259,7 @@ def card_values(model_dir: Path, metrics: dict[str, Any], repo_id: str) -> dict[
         "categories": ", ".join(config.get("text_categories", [])),
         "text_encoder": str(config.get("text_encoder_name_or_path")),
         "repository_origin": known["origin"],
-        "data_description": _data_description(data, metrics, split, sizes),
+        "data_description": _data_description(data, metrics, split, sizes, "" if sample else known.get("splits", "")),
         "training_summary": training,
         "dataset_citation": known["citation"],
         **license_values(known, dataset_name),

@@ -39,7 +39,8 @@ from .messages import first_few
 from .optimize import optimize_for_inference
 from .visualize import overlay_mask
 
-DEFAULT_CHECKPOINT = "outputs/sample-tiny/best"
+# The Kvasir-SEG model committed with the repository (its card: checkpoints/stpnet-kvasir-seg/README.md).
+DEFAULT_CHECKPOINT = "checkpoints/stpnet-kvasir-seg"
 CHECKPOINT_ENV = "STPNET_CHECKPOINT"
 # The network sees ~128-224 px, so larger inputs only cost memory: they are downscaled to this many pixels first.
 MAX_PIXELS = 4096 * 4096
@@ -64,7 +65,8 @@ def missing_checkpoint_help(name: str) -> str:
     """What to do when there is no checkpoint at ``name`` (Markdown; shared by the demo and the CLI)."""
     return (
         f"No STPNet checkpoint at `{name}`. The demo and `stpnet-predict` need a trained checkpoint:\n"
-        f"1. Train the small sample model (CPU, a few minutes): `bash scripts/main.sh` writes `{DEFAULT_CHECKPOINT}`.\n"
+        f"1. The trained Kvasir-SEG model `{DEFAULT_CHECKPOINT}` comes with the repository (a full clone has it), and "
+        "`bash scripts/main.sh` trains a small sample model into `outputs/sample-tiny/best` (CPU, a few minutes).\n"
         "2. Or point to another checkpoint, a local folder or a Hugging Face Hub id: "
         f"`python demo/app.py --checkpoint PATH_OR_ID`, the environment variable `{CHECKPOINT_ENV}`, the Checkpoint "
         "box of the demo, or `stpnet-predict --model PATH_OR_ID`.\n\n"
@@ -74,10 +76,10 @@ def missing_checkpoint_help(name: str) -> str:
 
 
 def resolve_checkpoint(name: str | os.PathLike | None = None) -> str:
-    """The checkpoint to use: ``name``, else ``$STPNET_CHECKPOINT``, else the sample job's output.
+    """The checkpoint to use: ``name``, else ``$STPNET_CHECKPOINT``, else the committed Kvasir-SEG model.
 
     Relative folders are looked up in the working directory first, then in the repository root, so the demo
-    finds ``outputs/sample-tiny/best`` whether it is started from the repository or from ``demo/``.
+    finds ``checkpoints/stpnet-kvasir-seg`` whether it is started from the repository or from ``demo/``.
     """
     value = str(name or os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT).strip()
     path = Path(value).expanduser()

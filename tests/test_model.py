@@ -444,13 +444,20 @@ BACKBONE = {
 }
 
 
-@pytest.mark.parametrize("encoder", ["paper", "backbone"])
+COMMITTED = ROOT / "checkpoints" / "stpnet-kvasir-seg"
+
+
+@pytest.mark.parametrize("encoder", ["paper", "backbone", "committed"])
 def test_remote_code_in_a_clean_process(tmp_path: Path, encoder: str) -> None:
+    """A fresh checkpoint of each encoder kind, and the committed Kvasir-SEG model as it is in the repository."""
     ckpt = tmp_path / "checkpoint"
-    model = build(**(BACKBONE if encoder == "backbone" else {})).eval()
-    model.save_pretrained(ckpt)
-    STPNetImageProcessor(size={"height": 128, "width": 128}).save_pretrained(ckpt)
-    x = torch.randn(1, 3, 128, 128)
+    if encoder == "committed":
+        ckpt, model = COMMITTED, STPNetForSemanticSegmentation.from_pretrained(COMMITTED).eval()
+    else:
+        model = build(**(BACKBONE if encoder == "backbone" else {})).eval()
+        model.save_pretrained(ckpt)
+        STPNetImageProcessor(size={"height": 128, "width": 128}).save_pretrained(ckpt)
+    x = torch.randn(1, 3, model.config.image_size, model.config.image_size)
     with torch.no_grad():
         torch.save(model(x).logits, tmp_path / "logits.pt")
     torch.save(x, tmp_path / "x.pt")

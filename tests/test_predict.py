@@ -237,7 +237,7 @@ def test_checkpoint_resolution_and_errors(tmp_path: Path, monkeypatch: pytest.Mo
     assert resolve_checkpoint() == "someone/stpnet"
     assert resolve_checkpoint(tmp_path) == str(tmp_path.resolve())
     monkeypatch.delenv("STPNET_CHECKPOINT")
-    assert resolve_checkpoint().endswith("outputs/sample-tiny/best")
+    assert resolve_checkpoint().endswith("checkpoints/stpnet-kvasir-seg")
     assert is_hub_id("someone/stpnet") and not is_hub_id("outputs/sample-tiny/best") and not is_hub_id("./x")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no `config.json`"):
