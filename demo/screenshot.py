@@ -1,6 +1,6 @@
 """Drive the demo in a real headless Chromium: upload or click an example, wait for the results, take a screenshot.
 
-    python demo/screenshot.py --checkpoint outputs/sample-tiny/best --output docs/demo-screenshot.png
+    python demo/screenshot.py --checkpoint checkpoints/stpnet-kvasir-seg --output docs/demo-screenshot.png
 
 Uses Playwright from PyPI with the system's Chromium (Debian package ``chromium``); it never downloads a browser.
 ``tests/test_demo.py`` drives the app through the same functions.
