@@ -107,6 +107,13 @@ class STPNetBackbone(nn.Module):
         self.channels: list[int] = channels
         self.strides: list[int] = strides
 
+    @classmethod
+    def from_config(cls, config: Any) -> STPNetBackbone | None:
+        """The backbone an STPNet or U-Net config names, or None for the paper's from-scratch encoder."""
+        if config.backbone_config is None:
+            return None
+        return cls(config.backbone_config, config.backbone_kwargs, config.num_channels, config.backbone)
+
     @torch.no_grad()
     def _probe(self, num_channels: int) -> tuple[list[int], list[int]]:
         """Channels and strides of the selected maps, from one forward pass at 64x64 in eval mode."""

@@ -103,11 +103,8 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
             "AutoModel": f"{__name__.split('.')[-1]}.{type(self).__name__}",
         }
         # The encoder: the paper's from-scratch U-shape (stem + down blocks) or a transformers backbone.
-        self.encoder = None
-        if config.backbone_config is not None:
-            self.encoder = STPNetBackbone(
-                config.backbone_config, config.backbone_kwargs, config.num_channels, config.backbone
-            )
+        self.encoder = STPNetBackbone.from_config(config)
+        if self.encoder is not None:
             ch, strides = self.encoder.channels, self.encoder.strides
             check_transformer_widths(config, ch[:4], f"backbone {self.encoder.label!r}")
         else:

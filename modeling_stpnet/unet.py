@@ -111,11 +111,8 @@ class UNetForSemanticSegmentation(PreTrainedModel):
             **(getattr(config, "auto_map", None) or {}),
             "AutoModel": f"{__name__.split('.')[-1]}.{type(self).__name__}",
         }
-        self.encoder = None
-        if config.backbone_config is not None:
-            self.encoder = STPNetBackbone(
-                config.backbone_config, config.backbone_kwargs, config.num_channels, config.backbone
-            )
+        self.encoder = STPNetBackbone.from_config(config)
+        if self.encoder is not None:
             ch = self.encoder.channels
         else:
             ch = config.encoder_channels
