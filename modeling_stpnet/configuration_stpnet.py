@@ -148,11 +148,7 @@ class STPNetConfig(PretrainedConfig):
         self.image_size = image_size
         self.num_channels = num_channels
         self.base_channels = base_channels
-        self.backbone = backbone
-        self.backbone_config = resolve_backbone_config(backbone, backbone_config)
-        self.use_pretrained_backbone = use_pretrained_backbone
-        self.backbone_kwargs = dict(backbone_kwargs) if backbone_kwargs else None
-        self.decoder_channels = list(decoder_channels) if decoder_channels is not None else None
+        set_backbone_fields(self, backbone, backbone_config, use_pretrained_backbone, backbone_kwargs, decoder_channels)
         self.text_hidden_size = text_hidden_size
         self.text_max_length = text_max_length
         self.text_encoder_name_or_path = text_encoder_name_or_path
@@ -284,16 +280,28 @@ def normalise_sentence(sentence: str) -> str:
     return sentence.strip().strip(".").strip().lower()
 
 
-def resolve_backbone_config(backbone: str | None, backbone_config: Any) -> dict[str, Any] | None:
-    """`backbone_config` as a plain dict (stored in config.json), read from `backbone` (Hub id or folder) when only
-    that is given, as transformers' segmentation configs do."""
+def set_backbone_fields(
+    config: PretrainedConfig,
+    backbone: str | None,
+    backbone_config: Any,
+    use_pretrained_backbone: bool,
+    backbone_kwargs: dict[str, Any] | None,
+    decoder_channels: list[int] | None,
+) -> None:
+    """The backbone and decoder fields that STPNet and its U-Net baseline share. `backbone_config` is kept as a plain
+    dict (stored in config.json), read from `backbone` (Hub id or folder) when only that is given, as transformers'
+    segmentation configs do."""
     if backbone_config is None and backbone is not None:
         from transformers import AutoConfig
 
         backbone_config = AutoConfig.from_pretrained(backbone)
     if isinstance(backbone_config, PretrainedConfig):
         backbone_config = {k: v for k, v in backbone_config.to_dict().items() if k != "transformers_version"}
-    return backbone_config
+    config.backbone = backbone
+    config.backbone_config = backbone_config
+    config.use_pretrained_backbone = use_pretrained_backbone
+    config.backbone_kwargs = dict(backbone_kwargs) if backbone_kwargs else None
+    config.decoder_channels = list(decoder_channels) if decoder_channels is not None else None
 
 
 def validate_backbone_fields(config: PretrainedConfig) -> None:

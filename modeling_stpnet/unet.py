@@ -17,7 +17,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .backbone_stpnet import STPNetBackbone
 from .blocks import ConvToOneChannel, DoubleConv, DownBlock, decoder_widths, unet_up_blocks
-from .configuration_stpnet import resolve_backbone_config, validate_backbone_fields, validate_init_mode
+from .configuration_stpnet import set_backbone_fields, validate_backbone_fields, validate_init_mode
 from .losses import bce_loss, dice_loss
 from .modeling_stpnet import STPNetPreTrainedModel, STPNetSegmentationOutput
 
@@ -60,11 +60,7 @@ class UNetConfig(PretrainedConfig):
         self.image_size = image_size
         self.num_channels = num_channels
         self.base_channels = base_channels
-        self.backbone = backbone
-        self.backbone_config = resolve_backbone_config(backbone, backbone_config)
-        self.use_pretrained_backbone = use_pretrained_backbone
-        self.backbone_kwargs = dict(backbone_kwargs) if backbone_kwargs else None
-        self.decoder_channels = list(decoder_channels) if decoder_channels is not None else None
+        set_backbone_fields(self, backbone, backbone_config, use_pretrained_backbone, backbone_kwargs, decoder_channels)
         self.dice_weight = dice_weight
         self.bce_weight = bce_weight
         self.one_channel_conv_init = one_channel_conv_init

