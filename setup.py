@@ -38,7 +38,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["modeling_stpnet", "modeling_stpnet.*"]),
+    packages=find_packages(include=["modeling_stpnet", "modeling_stpnet.*", "stpnet", "stpnet.*"]),
     install_requires=CORE,
     extras_require={"train": TRAIN, "demo": DEMO, "export": EXPORT, "dev": DEV},
     entry_points={"console_scripts": ["stpnet-predict=modeling_stpnet.predict_cli:main"]},

@@ -13,18 +13,22 @@ interquartile range of those per-round ratios, parameters, GMACs per image (torc
 (`common.PeakMemory`, after the timing) and the training step (forward + backward + AdamW, Dice+BCE, plus the
 retrieval losses for STPNet). On CUDA the inference rows are also run compiled (torch.compile), in bf16 and in bf16
 compiled (`--variants` picks them on any device). The inference rows run the models as prediction does, rewritten by
-`modeling_stpnet.optimize.optimize_for_inference` (`--plain`: as built), the training rows as training does
-(`optimize_for_training`). Writes `benchmarks/results/<name>.json` and `<name>.png`.
+`optimize_for_inference` (`--variants fp32-plain`: as built; `fp32-onnx`: exported and run by onnxruntime), the
+training rows as training does (`optimize_for_training`). Writes `benchmarks/results/<name>.json` and `<name>.png`.
+
+    python benchmarks/speed.py --presets stpnet-paper --sizes 224 --variants fp32-plain fp32 fp32-onnx  # deploy forms
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +39,10 @@ import torch
 
 try:
     from . import common
+    from .speed_report import plot, print_table, ratio_summary, results_payload
 except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
+    from speed_report import plot, print_table, ratio_summary, results_payload  # type: ignore[no-redef]
 
 from modeling_stpnet.optimize import optimize_for_inference, optimize_for_training  # noqa: E402  (common: sys.path)
 from modeling_stpnet.summary import count_gmacs, count_parameters  # noqa: E402
@@ -44,13 +50,18 @@ from modeling_stpnet.summary import count_gmacs, count_parameters  # noqa: E402
 MIN_TIMED_SECONDS = 0.05  # fast models repeat their forward pass within one timing to get above timer noise
 
 
-# Inference variants: name -> (dtype, torch.compile). Compiling takes minutes per model on CPU.
+# Inference variants: name -> (dtype, form). Forms: "optimized" = rewritten by optimize_for_inference (the deploy
+# path of prediction), "plain" = the model as built, "compiled" = optimized + torch.compile (minutes per model on
+# CPU), "onnx" = exported (stpnet.onnx_export, static shapes per setting) and run by onnxruntime on the CPU.
 VARIANTS = {
-    "fp32": ("fp32", False),
-    "fp32-compile": ("fp32", True),
-    "bf16": ("bf16", False),
-    "bf16-compile": ("bf16", True),
+    "fp32": ("fp32", "optimized"),
+    "fp32-plain": ("fp32", "plain"),
+    "fp32-onnx": ("fp32", "onnx"),
+    "fp32-compile": ("fp32", "compiled"),
+    "bf16": ("bf16", "optimized"),
+    "bf16-compile": ("bf16", "compiled"),
 }
+GPU_VARIANTS = ["fp32", "fp32-compile", "bf16", "bf16-compile"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,7 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--variants",
         nargs="+",
         choices=list(VARIANTS),
-        help="inference variants (default: fp32 on CPU; all of them on CUDA)",
+        help="inference variants (default: fp32 on CPU; fp32, bf16 and both compiled on CUDA); e.g. fp32-plain "
+        "fp32 fp32-onnx for the plain model, the deploy path and onnxruntime",
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--name", help="results file stem (default speed or speed-small)")
@@ -82,7 +94,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--show", type=Path, metavar="JSON", help="only print a results file as a Markdown table of ratios (no run)"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    parser.add_argument("--plain", action="store_true", help="inference rows without optimize_for_inference")
     parser.add_argument(
         "--channels-last",
         action="store_true",
@@ -100,7 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.train_repeats = args.train_repeats or (2 if small else 3)
     args.train_size = args.train_size or args.sizes[0]
     args.name = args.name or ("speed-small" if small else "speed")
-    args.variants = args.variants or (list(VARIANTS) if args.device.startswith("cuda") else ["fp32"])
+    args.variants = args.variants or (GPU_VARIANTS if args.device.startswith("cuda") else ["fp32"])
+    if "fp32-onnx" in args.variants and not args.device.startswith("cpu"):
+        parser.error("fp32-onnx runs onnxruntime on the CPU: use it with --device cpu")
     bad = [s for s in [*args.sizes, args.train_size] if s % 32]
     if bad:
         parser.error(f"image sizes must be multiples of 32, got {bad}")
@@ -170,63 +183,78 @@ def train_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device) ->
 class Setting:
     mode: str  # "inference" or "train"
     dtype: str
-    compiled: bool
+    form: str  # see VARIANTS; the training step always runs optimize_for_training's form
     size: int
     batch: int
     rounds: int
 
     @property
     def key(self) -> str:
-        return f"{self.mode}|{self.dtype}|{int(self.compiled)}|{self.size}|{self.batch}"
+        return f"{self.mode}|{self.dtype}|{self.form}|{self.size}|{self.batch}"
 
     def label(self) -> str:
-        extra = " compiled" if self.compiled else ""
+        extra = "" if self.form == "optimized" else f" {self.form}"
         return f"{self.mode} {self.size}px batch {self.batch} {self.dtype}{extra}"
 
 
 def all_settings(args: argparse.Namespace, device: torch.device) -> list[Setting]:
     out = []
-    for dtype, compiled in (VARIANTS[v] for v in args.variants):
-        out += [Setting("inference", dtype, compiled, s, args.latency_batch, args.repeats) for s in args.sizes]
+    for dtype, form in (VARIANTS[v] for v in args.variants):
+        out += [Setting("inference", dtype, form, s, args.latency_batch, args.repeats) for s in args.sizes]
         if args.throughput_batch:
             out += [
-                Setting("inference", dtype, compiled, s, args.throughput_batch, args.throughput_repeats)
-                for s in args.sizes
+                Setting("inference", dtype, form, s, args.throughput_batch, args.throughput_repeats) for s in args.sizes
             ]
     if args.train_batch:
-        out.append(Setting("train", "fp32", False, args.train_size, args.train_batch, args.train_repeats))
+        out.append(Setting("train", "fp32", "optimized", args.train_size, args.train_batch, args.train_repeats))
     return out
 
 
 class ModelSet:
-    """The models of one run, plus lazily made bf16 / compiled copies of them (`--variants`)."""
+    """The models of one run, plus lazily made forms of them (`--variants`): rewritten, plain, compiled, bf16, ONNX."""
 
     def __init__(
-        self,
-        builds: dict[str, Callable[[], torch.nn.Module]],
-        device: torch.device,
-        channels_last: bool = False,
-        plain: bool = False,
+        self, builds: dict[str, Callable[[], torch.nn.Module]], device: torch.device, channels_last: bool = False
     ) -> None:
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.plain = plain
         self.fp32 = {
             name: build().eval().to(device, memory_format=self.memory_format) for name, build in builds.items()
         }
-        self._variants: dict[tuple[str, bool], dict[str, torch.nn.Module]] = {}
+        self._variants: dict[tuple[str, str], dict[str, torch.nn.Module]] = {}
+        self._onnx: dict[tuple[str, int, int], Any] = {}
+        self._onnx_dir: tempfile.TemporaryDirectory | None = None
 
-    def get(self, dtype: str, compiled: bool) -> dict[str, torch.nn.Module]:
-        if (dtype, compiled) not in self._variants:
+    def get(self, dtype: str, form: str) -> dict[str, torch.nn.Module]:
+        if (dtype, form) not in self._variants:
             # The compiler makes its own kernels: it gets the rewrites that are plain graphs of standard operators.
-            cpu_kernels = self.device.type == "cpu" and not compiled
+            cpu_kernels = self.device.type == "cpu" and form != "compiled"
             base = {
-                n: m if self.plain else optimize_for_inference(copy.deepcopy(m), cpu_kernels)
+                n: m if form == "plain" else optimize_for_inference(copy.deepcopy(m), cpu_kernels)
                 for n, m in self.fp32.items()
             }
             base = {n: copy.deepcopy(m).to(torch.bfloat16) if dtype == "bf16" else m for n, m in base.items()}
-            self._variants[dtype, compiled] = {n: torch.compile(m) for n, m in base.items()} if compiled else base
-        return self._variants[dtype, compiled]
+            self._variants[dtype, form] = {n: torch.compile(m) for n, m in base.items()} if form == "compiled" else base
+        return self._variants[dtype, form]
+
+    def onnx_session(self, name: str, size: int, batch: int) -> Any:
+        """An onnxruntime session of the model exported as ONNX export does it (the portable rewrites), for one input
+        shape, on as many threads as torch uses so both runtimes get the same cores."""
+        key = (name, size, batch)
+        if key not in self._onnx:
+            import onnxruntime as ort
+
+            from stpnet.onnx_export import export
+
+            if self._onnx_dir is None:
+                self._onnx_dir = tempfile.TemporaryDirectory(prefix="speed-onnx-")
+            path = Path(self._onnx_dir.name) / f"{name}-{size}-{batch}.onnx"
+            model = optimize_for_inference(copy.deepcopy(self.fp32[name]).cpu(), cpu_kernels=False)
+            export(model, path, size, batch=batch)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            self._onnx[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return self._onnx[key]
 
     def steps(self, setting: Setting) -> dict[str, Callable[[], Any]]:
         dtype = torch.bfloat16 if setting.dtype == "bf16" else torch.float32
@@ -238,7 +266,11 @@ class ModelSet:
                 n: train_step(optimize_for_training(copy.deepcopy(m), self.device), x, self.device)
                 for n, m in self.fp32.items()
             }
-        return {n: inference_step(m, x) for n, m in self.get(setting.dtype, setting.compiled).items()}
+        if setting.form == "onnx":
+            inputs = {"pixel_values": x.cpu().numpy()}
+            sessions = {n: self.onnx_session(n, setting.size, setting.batch) for n in self.fp32}
+            return {n: functools.partial(session.run, None, inputs) for n, session in sessions.items()}
+        return {n: inference_step(m, x) for n, m in self.get(setting.dtype, setting.form).items()}
 
 
 def measure_memory(models: ModelSet, settings: list[Setting], device: torch.device) -> tuple[str, dict[str, float]]:
@@ -277,7 +309,7 @@ def run(args: argparse.Namespace, progress: Callable[[dict[str, Any]], None] | N
               "(consider --threads 1 or a quiet machine)")  # fmt: skip
 
     print(f"building {len(specs)} models: {', '.join(builds)}", flush=True)
-    models = ModelSet(builds, device, args.channels_last, args.plain)
+    models = ModelSet(builds, device, args.channels_last)
     static, gmacs = {}, {}
     for name, model in models.fp32.items():
         cpu_model = model if device.type == "cpu" else copy.deepcopy(model).cpu()
@@ -303,9 +335,10 @@ def run(args: argparse.Namespace, progress: Callable[[dict[str, Any]], None] | N
                 "model": name,
                 "mode": setting.mode,
                 "dtype": setting.dtype,
-                "compiled": setting.compiled,
+                "form": setting.form,
+                "compiled": setting.form == "compiled",
                 "memory_format": "channels_last" if args.channels_last else "contiguous",
-                "optimized": setting.mode == "train" or not args.plain,
+                "optimized": setting.form != "plain",
                 "image_size": setting.size,
                 "batch_size": setting.batch,
                 "latency_ms": round(median * 1e3, 2),
@@ -329,135 +362,13 @@ def run(args: argparse.Namespace, progress: Callable[[dict[str, Any]], None] | N
     measured = [t for t in settings if args.memory_all or t.mode == "train" or t.batch == args.latency_batch]
     method, peaks = ("skipped (--no-memory)", {}) if args.no_memory else measure_memory(models, measured, device)
     for row in rows:
-        key = f"{row['mode']}|{row['dtype']}|{int(row['compiled'])}|{row['image_size']}|{row['batch_size']}"
+        key = f"{row['mode']}|{row['dtype']}|{row['form']}|{row['image_size']}|{row['batch_size']}"
         peak = peaks.get(f"{key}|{row['model']}")
         row["peak_memory_mb"] = None if peak is None else round(peak, 1)
 
     machine["load_average_samples"] = load_samples
     machine["load_average_1_5_15_min_at_end"] = common.load_average()
     return results_payload(machine, method, rows)
-
-
-def results_payload(
-    machine: dict[str, Any], memory_method: str, rows: list[dict[str, Any]], complete: bool = True
-) -> dict[str, Any]:
-    """The results file; `complete` is false in the copies written while the run goes on."""
-    return {
-        "complete": complete,
-        "machine": machine,
-        "command": common.command_line(),
-        "notes": {
-            "ratio_to_unet": "median over interleaved rounds of (model time / same-round time of the U-Net named in "
-            "unet_reference: unet = base 64 for stpnet-paper, unet-c32 for stpnet-small, unet-c16 for stpnet-tiny)",
-            "ratio_to_unet_iqr": "25th and 75th percentiles of the same per-round ratios",
-            "latency_ms": "median wall time of one forward pass of the whole batch (train rows: one optimiser step: "
-            "forward, Dice+BCE (+ retrieval focal losses for STPNet), backward, AdamW)",
-            "gmacs": "multiply-accumulates per image of one eval forward pass (torch.utils.flop_counter / 2)",
-            "peak_memory_mb": "peak memory of one steady-state call above what was resident before it (weights_mb, "
-            "and for train rows the AdamW state, 2 x weights): activations, workspace, gradients; measured at the "
-            "latency batch and for the training step (--memory-all: every row). Method: " + memory_method,
-            "models": "random weights; STPNet text embeddings are the built-in placeholders (same cost as encoded)",
-            "load": "load averages sampled after each setting; the machine is shared, so compare ratios, not ms",
-        },
-        "rows": rows,
-    }
-
-
-def _iqr_text(iqr: list[float] | None) -> str | None:
-    return None if not iqr else f"{iqr[0]:.2f}-{iqr[1]:.2f}"
-
-
-def print_table(payload: dict[str, Any]) -> None:
-    columns = [
-        ("model", "model", ""),
-        ("mode", "mode", ""),
-        ("dtype", "dtype", ""),
-        ("compiled", "compiled", ""),
-        ("image_size", "px", "d"),
-        ("batch_size", "batch", "d"),
-        ("latency_ms", "ms", ".1f"),
-        ("throughput_img_s", "img/s", ".2f"),
-        ("ratio_to_unet", "x unet", ".2f"),
-        ("ratio_iqr", "IQR", ""),
-        ("unet_reference", "vs", ""),
-        ("params", "params", ",d"),
-        ("gmacs", "GMACs", ".2f"),
-        ("peak_memory_mb", "peak MiB", ".0f"),
-    ]
-    rows = [
-        {**r, "compiled": "yes" if r.get("compiled") else "no", "ratio_iqr": _iqr_text(r.get("ratio_to_unet_iqr"))}
-        for r in payload["rows"]
-    ]
-    print(common.format_table(rows, columns))
-    m = payload["machine"]
-    print(
-        f"machine: {m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads; load averages (1/5/15 min) "
-        f"at start {m['load_average_1_5_15_min_at_start']}, at end {m['load_average_1_5_15_min_at_end']}"
-    )
-
-
-def _setting_header(row: dict[str, Any]) -> str:
-    """`224 px b1`, `224 px b1 bf16 compiled`, `train 224 px b2`."""
-    extra = (f" {row['dtype']}" if row["dtype"] != "fp32" else "") + (" compiled" if row.get("compiled") else "")
-    prefix = "train " if row["mode"] == "train" else ""
-    return f"{prefix}{row['image_size']} px b{row['batch_size']}{extra}"
-
-
-def ratio_summary(payload: dict[str, Any]) -> str:
-    """A Markdown table with one row per model and one column per setting: the ratio to the U-Net of the model's
-    width with its interquartile range; then the first setting's latency and peak memory, parameters and GMACs."""
-    headers: list[str] = []
-    table: dict[str, dict[str, Any]] = {}
-    for r in payload["rows"]:
-        header = _setting_header(r)
-        if header not in headers:
-            headers.append(header)
-        entry = table.setdefault(r["model"], {"model": r["model"], "params": r["params"] / 1e6, "gmacs": r["gmacs"]})
-        iqr = _iqr_text(r.get("ratio_to_unet_iqr")) if not r["model"].startswith("unet") else None
-        entry[header] = f"{r['ratio_to_unet']:.2f}" + (f" ({iqr})" if iqr else "")
-        if header == headers[0]:
-            entry["ms"], entry["memory"] = r["latency_ms"], r.get("peak_memory_mb")
-    columns = [("model", "model", "")] + [(h, f"x U-Net, {h}", "") for h in headers]
-    columns += [("ms", f"ms, {headers[0]}", ".1f"), ("memory", f"peak MiB, {headers[0]}", ".0f")]
-    columns += [("params", "params (M)", ".2f"), ("gmacs", "GMACs", ".2f")]
-    return common.format_table(list(table.values()), columns, markdown=True)
-
-
-def plot(payload: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no chart")
-        return None
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in payload["rows"]:
-        key = f"{r['mode']} {r['image_size']}px b{r['batch_size']} {r['dtype']}{' compiled' if r['compiled'] else ''}"
-        groups.setdefault(key, []).append(r)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 0.35 * max(map(len, groups.values())) + 1.5))
-    axes = [axes] if len(groups) == 1 else list(axes)
-    for ax, (key, rows) in zip(axes, groups.items()):
-        names = [r["model"] for r in rows]
-        ratios = [r["ratio_to_unet"] for r in rows]
-        colours = ["#888888" if n.startswith("unet") else "#1f77b4" if "shared" in n else "#d62728" for n in names]
-        ax.barh(names, ratios, color=colours)
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.axvline(1.5, color="black", linewidth=0.8, linestyle="--", label="1.5x goal")
-        for i, r in enumerate(rows):
-            ax.text(r["ratio_to_unet"], i, f" {r['latency_ms']:.0f} ms", va="center", fontsize=7)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("time / U-Net of the same width")
-        ax.invert_yaxis()
-    for ax in axes[1:]:
-        ax.set_yticklabels([])
-    axes[0].legend(loc="lower right", fontsize=7)
-    fig.suptitle(f"STPNet vs U-Net, {payload['machine']['cpu']} ({payload['machine']['device']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -79,6 +79,31 @@ def test_speed_writes_rows_with_ratios(
     assert f"| {first['ratio_to_unet']:.2f} ({low:.2f}-{high:.2f}) |" in lines["stpnet-tiny"]
 
 
+def test_speed_times_the_plain_model_the_deploy_path_and_onnxruntime(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    argv = [
+        "--presets", "stpnet-tiny", "--no-shared", "--sizes", "64", "--repeats", "1", "--throughput-batch", "2",
+        "--throughput-repeats", "1", "--train-batch", "0", "--threads", "1", "--no-memory", "--no-chart",
+        "--output-dir", str(tmp_path), "--name", "speed-forms", "--variants", "fp32-plain", "fp32", "fp32-onnx",
+    ]  # fmt: skip
+    rows = speed.main(argv)["rows"]
+    forms = {(r["model"], r["form"], r["batch_size"]) for r in rows}
+    expected_forms = {
+        (m, f, b) for m in ("unet-c16", "stpnet-tiny") for f in ("plain", "optimized", "onnx") for b in (1, 2)
+    }
+    assert forms == expected_forms
+    assert all(r["ratio_to_unet"] > 0 for r in rows)
+    # the ONNX rows time the same computation: onnxruntime's logits are the model's
+    specs = common.model_specs(common.preset_configs(["stpnet-tiny"]), ["default"])
+    models = speed.ModelSet({name: build for name, _, build in specs}, torch.device("cpu"))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    logits = models.onnx_session("stpnet-tiny", 64, 2).run(None, {"pixel_values": x.numpy()})[0]
+    with torch.inference_mode():
+        expected = models.fp32["stpnet-tiny"](pixel_values=x).logits
+    assert torch.allclose(torch.from_numpy(logits), expected, atol=1e-3 * max(1.0, expected.abs().max().item()))
+
+
 def test_speed_channels_last_converts_models_and_inputs(tmp_path: Path) -> None:
     """`--channels-last` puts the weights and every input in NHWC and says so in each row."""
     specs = common.model_specs(common.preset_configs(["stpnet-tiny"]), ["shared"])
@@ -89,7 +114,7 @@ def test_speed_channels_last_converts_models_and_inputs(tmp_path: Path) -> None:
     conv.register_forward_pre_hook(
         lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
     )
-    models.steps(speed.Setting("inference", "fp32", False, 64, 2, 1))["unet-c16"]()
+    models.steps(speed.Setting("inference", "fp32", "optimized", 64, 2, 1))["unet-c16"]()
     assert seen == [True]
     argv = [
         "--presets", "stpnet-tiny", "--no-shared", "--sizes", "64", "--repeats", "1", "--throughput-batch", "0",
