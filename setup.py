@@ -41,5 +41,5 @@ setup(
     packages=find_packages(include=["modeling_stpnet", "modeling_stpnet.*", "stpnet", "stpnet.*"]),
     install_requires=CORE,
     extras_require={"train": TRAIN, "demo": DEMO, "export": EXPORT, "dev": DEV},
-    entry_points={"console_scripts": ["stpnet-predict=modeling_stpnet.predict_cli:main"]},
+    entry_points={"console_scripts": ["stpnet-predict=stpnet.inference.cli:main"]},
 )

@@ -13,13 +13,13 @@ both give the same logits and reports both against the U-Net and the working tre
 (median and interquartile range of the per-round ratios). `--profile` adds torch.profiler's top operators for the
 current model. `--train` times training steps instead (train mode, forward with the Dice + BCE and retrieval losses,
 backward; block times are then those of the forward part) and compares losses and gradients before/after.
-`--optimize` adds the model as rewritten by `modeling_stpnet.optimize` (`optimize_for_inference`, with `--train`
+`--optimize` adds the model as rewritten by `stpnet.optimize` (`optimize_for_inference`, with `--train`
 `optimize_for_training`) beside the plain one, the U-Net rewritten too, and reports the rewritten model against
 the plain one, paired round by round.
 
 Each row also counts the minor page faults per forward pass (fresh pages the kernel had to hand out and zero, i.e.
 memory the allocator returned and took back; Linux/macOS `getrusage`). Rerun with `--keep-memory` (glibc keeps what
-it frees: `modeling_stpnet.cpu_memory`, what `stpnet-predict` does on CPU) or with the same settings from the
+it frees: `stpnet.cpu_memory`, what `stpnet-predict` does on CPU) or with the same settings from the
 environment (`MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=536870912`) to see
 what they cost each model.
 """
@@ -49,8 +49,8 @@ try:
 except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
 
-from modeling_stpnet.cpu_memory import keep_freed_memory  # noqa: E402  (common puts the checkout on sys.path)
-from modeling_stpnet.optimize import optimize_for_inference, optimize_for_training  # noqa: E402
+from stpnet.cpu_memory import keep_freed_memory  # noqa: E402  (common puts the checkout on sys.path)
+from stpnet.optimize import optimize_for_inference, optimize_for_training  # noqa: E402
 
 try:
     import resource
@@ -128,12 +128,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--baseline-ref", help="git revision whose modeling_stpnet is the 'before' model")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators")
     parser.add_argument("--train", action="store_true", help="time training steps (forward + losses + backward)")
-    parser.add_argument("--optimize", action="store_true", help="add the model rewritten by modeling_stpnet.optimize")
+    parser.add_argument("--optimize", action="store_true", help="add the model rewritten by stpnet.optimize")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
         "--keep-memory",
         action="store_true",
-        help="keep freed memory in the process (modeling_stpnet.cpu_memory, as stpnet-predict does on CPU)",
+        help="keep freed memory in the process (stpnet.cpu_memory, as stpnet-predict does on CPU)",
     )
     args = parser.parse_args(argv)
     if args.threads:

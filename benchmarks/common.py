@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import platform
@@ -20,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.summary import DEFAULT_PRESETS_DIR, load_presets  # noqa: E402
+from benchmarks.unet import UNetConfig, UNetForSemanticSegmentation  # noqa: E402
 from modeling_stpnet import STPNetConfig, STPNetForSemanticSegmentation  # noqa: E402
-from modeling_stpnet.cpu_memory import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, glibc  # noqa: E402
-from modeling_stpnet.summary import DEFAULT_PRESETS_DIR, load_presets  # noqa: E402
-from modeling_stpnet.unet import UNetConfig, UNetForSemanticSegmentation  # noqa: E402
+from stpnet.cpu_memory import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, glibc  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
@@ -138,11 +137,7 @@ def model_settings(config: Any) -> dict[str, Any]:
     left out, so a run's saved `config.json` and a config built now compare equal exactly when they build alike.
     `model_type` names the class the settings belong to.
     """
-    names = [
-        p.name
-        for p in inspect.signature(type(config).__init__).parameters.values()
-        if p.name not in NOT_SETTINGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
+    names = [name for name in type(config).field_names() if name not in NOT_SETTINGS]
     values = config.to_dict()
     return json.loads(json.dumps({"model_type": config.model_type, **{name: values.get(name) for name in names}}))
 

@@ -13,7 +13,7 @@ width), `stpnet-<preset>` (its own retrieval backbone), `stpnet-<preset>-shared`
 (use_text=False) and `stpnet-<preset>-no-ssa` (use_ssa=False). Every row uses the same training config (data,
 split, seed, steps, augmentation, image size: `configuration/train/<dataset>-cpu.yaml` plus the settings below, or
 with `--settings full` the paper's recipe `configuration/train/<dataset>.yaml` on the preset it names,
-stpnet-small) through `modeling_stpnet.training.run_training`; only the model differs. The protocol is the config's:
+stpnet-small) through `stpnet.training.run_training`; only the model differs. The protocol is the config's:
 Kvasir-SEG selects on a validation split carved from the official 880 training images and reports the official 120;
 QaTa-COV19 selects on a carve of its training split and reports the official valid split. Dice/IoU are per-image means
 on the reported split (original mask resolution), given as mean ± std over seeds, with the per-image std alongside;
@@ -145,7 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def recipe_preset(parser: argparse.ArgumentParser, settings: str, datasets: list[str]) -> str:
     """The preset the datasets' recipes name (they must agree: every row uses one preset)."""
-    from modeling_stpnet.training import load_train_config
+    from stpnet.training import load_train_config
 
     presets = {d: load_train_config(dataset_config(settings, d)).model.preset for d in datasets}
     if len(set(presets.values())) > 1:
@@ -157,7 +157,7 @@ def recipe_preset(parser: argparse.ArgumentParser, settings: str, datasets: list
 @cache
 def encoded_repository(definition: str, encoder: str, max_length: int, layers: int | None) -> tuple[torch.Tensor, ...]:
     """The text repository's embeddings, encoded once per benchmark instead of once per row."""
-    from modeling_stpnet.training import load_repository, load_train_config
+    from stpnet.training import load_repository, load_train_config
 
     config = load_train_config(overrides={"text.definition": definition})
     return tuple(load_repository(config).encode(encoder, max_length=max_length, num_hidden_layers=layers))
@@ -173,7 +173,7 @@ def row_model_config(variant: str, preset, config, repository):
         shared = set(common.model_settings(common.UNetConfig())) - own
         extra = {k: v for k, v in config.model.overrides.items() if k in shared}
         return common.unet_config(preset, image_size=config.data.image_size, **extra)
-    from modeling_stpnet.training import build_model_config
+    from stpnet.training import build_model_config
 
     return build_model_config(config, repository)
 
@@ -187,7 +187,7 @@ def model_factory(variant: str, preset, built: dict[str, int]):
         return model
 
     def _build(config, repository) -> torch.nn.Module:
-        from modeling_stpnet.training.model import load_pretrained_backbones, load_pretrained_retrieval_backbone
+        from stpnet.training.model import load_pretrained_backbones, load_pretrained_retrieval_backbone
 
         model_config = row_model_config(variant, preset, config, repository)
         if variant == "unet":
@@ -229,7 +229,7 @@ def per_image_std(run_dir: Path) -> dict[str, float | None]:
 def row_config(args: argparse.Namespace, dataset: str, variant: str, seed: int, preset) -> tuple:
     """`(model name, run folder, training config)` of one row: the dataset's recipe for the settings level with the
     level's overrides, the preset, the variant's model overrides, the seed and any `--set`."""
-    from modeling_stpnet.training import apply_overrides, config_from_dict, load_train_config
+    from stpnet.training import apply_overrides, config_from_dict, load_train_config
 
     name = common.unet_for(args.preset, preset) if variant == "unet" else common.variant_name(args.preset, variant)
     run_dir = Path(args.runs_dir) / args.settings / dataset / f"{name}-seed{seed}"
@@ -247,7 +247,7 @@ def row_config(args: argparse.Namespace, dataset: str, variant: str, seed: int, 
 
 
 def train_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, preset) -> dict[str, Any]:
-    from modeling_stpnet.training import load_repository, run_training
+    from stpnet.training import load_repository, run_training
 
     name, run_dir, config = row_config(args, dataset, variant, seed, preset)
     settings = common.model_settings(row_model_config(variant, preset, config, load_repository(config)))
@@ -314,7 +314,7 @@ def finished_run(run_dir: Path, config_yaml: str, model_settings: dict[str, Any]
 def interrupted_run(run_dir: Path, config_yaml: str, model_settings: dict[str, Any]) -> bool:
     """Whether `run_dir` holds an unfinished run of exactly this training config and model settings with a
     checkpoint to continue from (a finished run, or one of another config, is reused or replaced instead)."""
-    from modeling_stpnet.training.checkpoints import checkpoint_steps
+    from stpnet.training.checkpoints import checkpoint_steps
 
     try:
         same_config = (run_dir / "train_config.yaml").read_text() == config_yaml

@@ -44,8 +44,8 @@ except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
     from speed_report import plot, print_table, ratio_summary, results_payload  # type: ignore[no-redef]
 
-from modeling_stpnet.optimize import optimize_for_inference, optimize_for_training  # noqa: E402  (common: sys.path)
-from modeling_stpnet.summary import count_gmacs, count_parameters  # noqa: E402
+from benchmarks.summary import count_gmacs, count_parameters  # noqa: E402
+from stpnet.optimize import optimize_for_inference, optimize_for_training  # noqa: E402  (common: sys.path)
 
 MIN_TIMED_SECONDS = 0.05  # fast models repeat their forward pass within one timing to get above timer noise
 

@@ -28,7 +28,7 @@ for _root in (HERE, HERE.parent):
             sys.path.insert(0, str(_root))
         break
 
-from modeling_stpnet.extras import DEMO_MODULES, exit_unless_installed  # noqa: E402
+from stpnet.extras import DEMO_MODULES, exit_unless_installed  # noqa: E402
 
 if __name__ == "__main__":  # the install line instead of an import traceback
     exit_unless_installed("demo/app.py", "demo", DEMO_MODULES)
@@ -37,9 +37,9 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from modeling_stpnet.cpu_memory import keep_freed_memory, limit_arenas  # noqa: E402
-from modeling_stpnet.data.io import DataError  # noqa: E402
-from modeling_stpnet.predict import (  # noqa: E402
+from stpnet.cpu_memory import keep_freed_memory, limit_arenas  # noqa: E402
+from stpnet.data.io import DataError  # noqa: E402
+from stpnet.inference.predict import (  # noqa: E402
     CHECKPOINT_ENV,
     CheckpointError,
     load_predictor,
@@ -47,8 +47,8 @@ from modeling_stpnet.predict import (  # noqa: E402
     resolve_checkpoint,
     resolve_device,
 )
-from modeling_stpnet.safe_write import save_image  # noqa: E402
-from modeling_stpnet.visualize import overlay_mask  # noqa: E402
+from stpnet.safe_write import save_image  # noqa: E402
+from stpnet.visualize import overlay_mask  # noqa: E402
 
 SAMPLE = HERE.parent / "sample" / "kvasir-seg-mini"
 # Space uploads are capped well below the CLI's limits: a free CPU Space has little memory.

@@ -3,8 +3,9 @@
     python demo/deploy_space.py --stage build/space --checkpoint outputs/sample-tiny/best      # look first
     python demo/deploy_space.py --stage build/space --checkpoint outputs/sample-tiny/best --push USER/stpnet-demo
 
-The Space gets ``app.py``, ``README.md`` (Space metadata), ``requirements.txt``, the ``modeling_stpnet`` package
-(the app's loaders and overlays; the model itself loads as remote code from the checkpoint), example images from
+The Space gets ``app.py``, ``README.md`` (Space metadata), ``requirements.txt``, the ``stpnet`` and
+``modeling_stpnet`` packages (the app's loaders and overlays, and the image processor they use; the model itself
+loads as remote code from the checkpoint), example images from
 the bundled sample's test split and, with ``--checkpoint FOLDER``, the checkpoint in ``checkpoint/``. With a Hub id
 instead, nothing is copied: set the Space variable ``STPNET_CHECKPOINT`` to that id.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SPACE_FILES = ("app.py", "README.md", "requirements.txt")
+PACKAGES = ("stpnet", "modeling_stpnet")  # the app imports the toolkit, which imports the model package
 CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.py", "*.txt", "*.md")
 
 
@@ -31,9 +33,8 @@ def stage(target: str | Path, checkpoint: str | None = None, examples: int = 6) 
     target.mkdir(parents=True)
     for name in SPACE_FILES:
         shutil.copy2(HERE / name, target / name)
-    shutil.copytree(
-        ROOT / "modeling_stpnet", target / "modeling_stpnet", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-    )
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, target / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     sys.path.insert(0, str(HERE))
     from app import find_examples
 

@@ -29,15 +29,15 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 else:
     sys.path.insert(0, str(ROOT))
 
-from modeling_stpnet.extras import TRAIN_MODULES, exit_unless_installed  # noqa: E402
+from stpnet.extras import TRAIN_MODULES, exit_unless_installed  # noqa: E402
 
 if __name__ == "__main__":  # the install line instead of an import traceback
     exit_unless_installed("hub_scripts/evaluate.py", "train", TRAIN_MODULES)
 
-from modeling_stpnet.data import DataError, load_stpnet_dataset  # noqa: E402
-from modeling_stpnet.data.io import blocking_file  # noqa: E402
-from modeling_stpnet.predict import CheckpointError, FlipAveraged, load_checkpoint  # noqa: E402
-from modeling_stpnet.training.evaluation import (  # noqa: E402
+from stpnet.data import DataError, load_stpnet_dataset  # noqa: E402
+from stpnet.data.io import blocking_file  # noqa: E402
+from stpnet.inference.predict import CheckpointError, FlipAveraged, load_checkpoint  # noqa: E402
+from stpnet.training.evaluation import (  # noqa: E402
     EVALUATION_FILES,
     OVERLAY_FILE,
     evaluate_split,

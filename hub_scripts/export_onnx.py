@@ -30,10 +30,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from modeling_stpnet import STPNetImageProcessor  # noqa: E402
-from modeling_stpnet.extras import EXPORT_MODULES, exit_unless_installed  # noqa: E402
-from modeling_stpnet.optimize import optimize_for_inference  # noqa: E402
-from modeling_stpnet.predict import CheckpointError, load_checkpoint  # noqa: E402
+from stpnet.extras import EXPORT_MODULES, exit_unless_installed  # noqa: E402
+from stpnet.inference.predict import CheckpointError, load_checkpoint  # noqa: E402
 from stpnet.onnx_export import DEFAULT_OPSET, agrees, export, verify  # noqa: E402
+from stpnet.optimize import optimize_for_inference  # noqa: E402
 
 
 def load_model(path: str | Path) -> nn.Module:

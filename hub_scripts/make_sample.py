@@ -22,7 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from modeling_stpnet.data.io import find_by_stem, load_image, load_mask, mask_to_image  # noqa: E402
+from stpnet.data.io import find_by_stem, load_image, load_mask, mask_to_image  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "data" / "kvasir-seg"

@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from modeling_stpnet.extras import TRAIN_MODULES, exit_unless_installed  # noqa: E402
+from stpnet.extras import TRAIN_MODULES, exit_unless_installed  # noqa: E402
 
 if __name__ == "__main__":  # the install line instead of an import traceback
     exit_unless_installed("hub_scripts/prepare_dataset.py", "train", TRAIN_MODULES)
 
-from modeling_stpnet.data import (  # noqa: E402
+from stpnet.data import (  # noqa: E402
     LAYOUTS,
     DataError,
     check_save_targets,

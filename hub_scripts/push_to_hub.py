@@ -29,8 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from modeling_stpnet.messages import first_few  # noqa: E402
-from modeling_stpnet.model_card import card_values  # noqa: E402
+from stpnet.messages import first_few  # noqa: E402
+from stpnet.model_card import card_values  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "model_card.md"

@@ -30,13 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from modeling_stpnet.extras import TRAIN_MODULES, exit_unless_installed  # noqa: E402
+from stpnet.extras import TRAIN_MODULES, exit_unless_installed  # noqa: E402
 
 if __name__ == "__main__":  # the install line instead of an import traceback
     exit_unless_installed("hub_scripts/train.py", "train", TRAIN_MODULES)
 
-from modeling_stpnet.safe_write import OutputWriteError  # noqa: E402
-from modeling_stpnet.training import (  # noqa: E402
+from stpnet.safe_write import OutputWriteError  # noqa: E402
+from stpnet.training import (  # noqa: E402
     ConfigError,
     TrainingInterrupted,
     apply_overrides,
@@ -44,8 +44,8 @@ from modeling_stpnet.training import (  # noqa: E402
     read_config_file,
     run_training,
 )
-from modeling_stpnet.training.evaluation import retrieval_report  # noqa: E402
-from modeling_stpnet.training.resume import EXIT_STATUS  # noqa: E402
+from stpnet.training.evaluation import retrieval_report  # noqa: E402
+from stpnet.training.resume import EXIT_STATUS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Convolutional blocks of STPNet's U-shape: plain conv stages, SSA and the fusion block.
 
 Each block does one job, with one forward, the same in training and inference; shapes are `(B, C, H, W)` unless a
-comment says otherwise. The package's `modeling_stpnet.optimize` (not part of a checkpoint) rewrites some of them
+comment says otherwise. The package's `stpnet.optimize` (not part of a checkpoint) rewrites some of them
 into cheaper forms of the same function for CPU inference and training.
 """
 

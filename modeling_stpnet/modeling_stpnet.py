@@ -58,10 +58,21 @@ class STPNetSegmentationOutput(ModelOutput):
 
 
 class STPNetPreTrainedModel(PreTrainedModel):
+    """Init scheme, validation and auto-class wiring shared by STPNet and its U-Net baseline."""
+
     config_class = STPNetConfig
     base_model_prefix = "stpnet"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+
+    def __init__(self, config: STPNetConfig) -> None:
+        super().__init__(config)
+        config.validate()
+        # One class answers both auto classes; register_for_auto_class adds the semantic-segmentation entry.
+        config.auto_map = {
+            **(getattr(config, "auto_map", None) or {}),
+            "AutoModel": f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}",
+        }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -96,12 +107,6 @@ class STPNetForSemanticSegmentation(STPNetPreTrainedModel):
 
     def __init__(self, config: STPNetConfig) -> None:
         super().__init__(config)
-        config.validate()
-        # One class answers both auto classes; register_for_auto_class adds the semantic-segmentation entry.
-        config.auto_map = {
-            **(getattr(config, "auto_map", None) or {}),
-            "AutoModel": f"{__name__.split('.')[-1]}.{type(self).__name__}",
-        }
         # The encoder: the paper's from-scratch U-shape (stem + down blocks) or a transformers backbone.
         self.encoder = STPNetBackbone.from_config(config)
         if self.encoder is not None:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from modeling_stpnet.text_repository import ScaleAwareTextRepository
+from stpnet.text_repository import ScaleAwareTextRepository
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "configuration" / "text"

@@ -57,9 +57,10 @@ def watchdog(seconds: int = WATCHDOG_S) -> Iterator[None]:
 
 
 def raised_by_package(error: BaseException) -> bool:
-    """The innermost frame of the traceback lies in our code (``modeling_stpnet``), not in a library."""
+    """The innermost frame of the traceback lies in our code (``stpnet``, ``modeling_stpnet``), not in a library."""
     frames = traceback.extract_tb(error.__traceback__)
-    return bool(frames) and f"{os.sep}modeling_stpnet{os.sep}" in frames[-1].filename
+    ours = (f"{os.sep}stpnet{os.sep}", f"{os.sep}modeling_stpnet{os.sep}")
+    return bool(frames) and any(folder in frames[-1].filename for folder in ours)
 
 
 def outcome(

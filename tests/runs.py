@@ -12,10 +12,10 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from modeling_stpnet.data import load_stpnet_dataset
 from modeling_stpnet.losses import dice_loss
-from modeling_stpnet.training import load_train_config
-from modeling_stpnet.training.model import load_repository
+from stpnet.data import load_stpnet_dataset
+from stpnet.training import load_train_config
+from stpnet.training.model import load_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CONFIG = ROOT / "configuration" / "train" / "sample-tiny.yaml"

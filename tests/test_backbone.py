@@ -10,11 +10,11 @@ import pytest
 import torch
 from runs import hub_script
 
+from benchmarks.unet import UNetConfig, UNetForSemanticSegmentation
 from modeling_stpnet import STPNetConfig, STPNetForSemanticSegmentation
 from modeling_stpnet.backbone_stpnet import STPNetBackbone
-from modeling_stpnet.training.config import ConfigError
-from modeling_stpnet.training.model import load_pretrained_backbones
-from modeling_stpnet.unet import UNetConfig, UNetForSemanticSegmentation
+from stpnet.training.config import ConfigError
+from stpnet.training.model import load_pretrained_backbones
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "configuration" / "models"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks import breakdown, common, device_checks, quality, quality_report, speed
-from modeling_stpnet.training import load_repository
+from stpnet.training import load_repository
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REQUIRED_SPEED_KEYS = {"model", "latency_ms", "ratio_to_unet", "params", "gmacs", "unet_reference", "peak_memory_mb"}

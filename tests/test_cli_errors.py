@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from runs import hub_script
 
-from modeling_stpnet.predict import CheckpointError, load_checkpoint
-from modeling_stpnet.predict_cli import main
+from stpnet.inference.cli import main
+from stpnet.inference.predict import CheckpointError, load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_predict import SAMPLE_IMAGE, read_csv, tiny_checkpoint  # noqa: E402
@@ -256,7 +256,7 @@ def test_predict_empty_folder_and_bad_max_pixels(
 def small_split() -> object:
     from datasets import DatasetDict
 
-    from modeling_stpnet.data import load_stpnet_dataset
+    from stpnet.data import load_stpnet_dataset
 
     test = load_stpnet_dataset(str(ROOT / "sample" / "kvasir-seg-mini"), progress=False)["test"].select(range(2))
     return DatasetDict(test=test.remove_columns("size"))

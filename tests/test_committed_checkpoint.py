@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from runs import ROOT, hub_script
 
-from modeling_stpnet.predict import DEFAULT_CHECKPOINT, resolve_checkpoint
+from stpnet.inference.predict import DEFAULT_CHECKPOINT, resolve_checkpoint
 
 COMMITTED = ROOT / "checkpoints" / "stpnet-kvasir-seg"
 pytestmark = pytest.mark.usefixtures("one_thread")

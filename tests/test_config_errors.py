@@ -13,9 +13,9 @@ from runs import hub_script
 from safetensors.torch import save_file
 
 from modeling_stpnet.configuration_stpnet import STPNetConfig
-from modeling_stpnet.training import ConfigError, build_model_config, load_repository, load_train_config
-from modeling_stpnet.training.config import MODEL_PRESETS, REPO_ROOT
-from modeling_stpnet.training.model import read_model_preset
+from stpnet.training import ConfigError, build_model_config, load_repository, load_train_config
+from stpnet.training.config import MODEL_PRESETS, REPO_ROOT
+from stpnet.training.model import read_model_preset
 
 TRAIN_CONFIGS = sorted((REPO_ROOT / "configuration" / "train").glob("*.yaml"))
 

@@ -18,7 +18,7 @@ PROBE = """
 import json, resource, sys
 import torch
 sys.path.insert(0, sys.argv[1])
-from modeling_stpnet.cpu_memory import keep_freed_memory
+from stpnet.cpu_memory import keep_freed_memory
 torch.set_num_threads(1)
 kept = keep_freed_memory() if sys.argv[2] == "keep" else None
 def faults_of_a_fresh_tensor():

@@ -109,7 +109,7 @@ def test_compiled_model_matches_eager(randomise_batchnorm) -> None:
 
 
 def test_predictor_on_the_gpu_gives_the_cpu_masks(tmp_path: Path, randomise_batchnorm) -> None:
-    from modeling_stpnet.predict import STPNetPredictor
+    from stpnet.inference.predict import STPNetPredictor
 
     model = tiny(randomise_batchnorm, retrieval_backbone="shared", base_channels=8).eval()
     model.save_pretrained(tmp_path)

@@ -12,7 +12,7 @@ import pytest
 from layouts import KVASIR, LUNG, LVIT_TEXT, QATA_ROWS, ROOT, TEXT, blob_mask, make_kvasir, make_lvit, make_qata
 from PIL import Image
 
-from modeling_stpnet.data import (
+from stpnet.data import (
     DataError,
     class_balance,
     convert_layout,
@@ -307,7 +307,7 @@ needs_kvasir = pytest.mark.skipif(
 def test_real_qata_valid_agrees_with_captions():
     raw = discover(SHARED / "qata-cov19")
     raw.splits = {"validation": raw.splits["validation"]}
-    from modeling_stpnet.data import convert_raw
+    from stpnet.data import convert_raw
 
     dataset, report = convert_raw(raw, LUNG, progress=False)
     valid = dataset["validation"]

@@ -134,7 +134,8 @@ def test_space_staging(checkpoint: Path, tmp_path: Path) -> None:
 
     target = deploy_space.stage(tmp_path / "space", str(checkpoint))
     assert {"app.py", "README.md", "requirements.txt"} <= {p.name for p in target.iterdir()}
-    assert (target / "modeling_stpnet" / "predict.py").is_file() and (target / "checkpoint" / "config.json").is_file()
+    assert (target / "stpnet" / "inference" / "predict.py").is_file() and (target / "modeling_stpnet").is_dir()
+    assert (target / "checkpoint" / "config.json").is_file()
     assert list((target / "examples").glob("*.jpg"))
     metadata = (target / "README.md").read_text().split("---")[1]
     assert "sdk: gradio" in metadata and "app_file: app.py" in metadata

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from layouts import KVASIR, LUNG, blob_mask
 
-from modeling_stpnet.data import (
+from stpnet.data import (
     DataError,
     MaskDescriber,
     connected_components,
@@ -14,7 +14,7 @@ from modeling_stpnet.data import (
     mask_statistics,
     parse_lung_description,
 )
-from modeling_stpnet.data.descriptions import _label_union_find
+from stpnet.data.descriptions import _label_union_find
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,8 @@ from runs import ROOT
 from test_predict import tiny_checkpoint
 
 from modeling_stpnet.image_processing_stpnet import NO_LESION_DESCRIPTION, STPNetImageProcessor
-from modeling_stpnet.predict import load_predictor
-from modeling_stpnet.predict_cli import main as predict_main
+from stpnet.inference.cli import main as predict_main
+from stpnet.inference.predict import load_predictor
 
 
 @pytest.fixture(scope="module")

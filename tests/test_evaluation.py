@@ -16,7 +16,7 @@ from PIL import Image
 from runs import ROOT, SAMPLE_CONFIG, hub_script
 
 from modeling_stpnet import STPNetImageProcessor
-from modeling_stpnet.metrics import (
+from stpnet.metrics import (
     at_or_below_floor,
     counts_of_masks,
     dice_from_counts,
@@ -26,9 +26,9 @@ from modeling_stpnet.metrics import (
     retrieval_accuracy,
     segmentation_scores,
 )
-from modeling_stpnet.training import build_stpnet_model, load_repository, load_train_config
-from modeling_stpnet.training.evaluation import retrieval_report
-from modeling_stpnet.visualize import TRUTH_COLOUR
+from stpnet.training import build_stpnet_model, load_repository, load_train_config
+from stpnet.training.evaluation import retrieval_report
+from stpnet.visualize import TRUTH_COLOUR
 
 
 def box(height: int, width: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from runs import ROOT
 
-from modeling_stpnet.extras import MissingExtraError, install_hint, require_extra
+from stpnet.extras import MissingExtraError, install_hint, require_extra
 
 # Runs a script as __main__ in a fresh interpreter in which the given top-level modules cannot be imported.
 BLOCKED_RUN = textwrap.dedent(

@@ -1,4 +1,4 @@
-"""The opt-in rewrites of `modeling_stpnet.optimize` (the speed work of benchmarks/PERFORMANCE.md): each computes
+"""The opt-in rewrites of `stpnet.optimize` (the speed work of benchmarks/PERFORMANCE.md): each computes
 the plain model's function from the same parameters, in values and gradients, in either memory layout and in
 16-bit inputs, on every preset."""
 

@@ -26,10 +26,10 @@ from properties import budget, outcome
 from runs import SAMPLE_CONFIG, TinySegConfig, TinySegModel, hub_script, tiny_overrides
 
 from modeling_stpnet import STPNetImageProcessor
-from modeling_stpnet.predict import Prediction
-from modeling_stpnet.prediction_files import PredictionWriter
-from modeling_stpnet.safe_write import OutputWriteError, append_whole, save_image, write_text
-from modeling_stpnet.training.checkpoints import save_best, save_checkpoint
+from stpnet.inference.predict import Prediction
+from stpnet.inference.prediction_files import PredictionWriter
+from stpnet.safe_write import OutputWriteError, append_whole, save_image, write_text
+from stpnet.training.checkpoints import save_best, save_checkpoint
 
 resource = pytest.importorskip("resource")  # POSIX only
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,7 +177,7 @@ def test_training_on_a_full_disk_keeps_the_earlier_checkpoint_and_model(
 def test_predict_cli_on_a_read_only_folder_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from test_predict import SAMPLE_IMAGE, tiny_checkpoint
 
-    from modeling_stpnet.predict_cli import main
+    from stpnet.inference.cli import main
 
     checkpoint = tiny_checkpoint(tmp_path / "checkpoint")
     out = tmp_path / "predictions"

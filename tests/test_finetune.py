@@ -13,11 +13,11 @@ import yaml
 from runs import SAMPLE_CONFIG, hub_script, tiny_overrides
 from safetensors.torch import load_file
 
+from benchmarks.unet import UNetConfig, UNetForSemanticSegmentation
 from modeling_stpnet import STPNetForSemanticSegmentation
-from modeling_stpnet.predict import load_checkpoint
-from modeling_stpnet.training import ConfigError, load_train_config, run_training
-from modeling_stpnet.training.model import build_stpnet_model, load_initial_weights, load_repository
-from modeling_stpnet.unet import UNetConfig, UNetForSemanticSegmentation
+from stpnet.inference.predict import load_checkpoint
+from stpnet.training import ConfigError, load_train_config, run_training
+from stpnet.training.model import build_stpnet_model, load_initial_weights, load_repository
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 

@@ -16,8 +16,8 @@ from runs import ROOT, SAMPLE_CONFIG, hub_script
 from safetensors import safe_open
 
 from modeling_stpnet import STPNetForSemanticSegmentation, STPNetImageProcessor
-from modeling_stpnet.model_card import results_note as note
-from modeling_stpnet.training import build_stpnet_model, load_repository, load_train_config
+from stpnet.model_card import results_note as note
+from stpnet.training import build_stpnet_model, load_repository, load_train_config
 
 PUSH = ROOT / "hub_scripts" / "push_to_hub.py"
 

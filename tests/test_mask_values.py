@@ -17,8 +17,8 @@ from layouts import blob_mask, make_kvasir
 from PIL import Image
 
 from modeling_stpnet import STPNetImageProcessor
-from modeling_stpnet.data.io import DataError, load_image, load_mask, mask_array
 from modeling_stpnet.image_processing_stpnet import mask_to_bool
+from stpnet.data.io import DataError, load_image, load_mask, mask_array
 
 TRUTH = blob_mask(40, 48, [(8, 10, 24, 30), (28, 30, 36, 44)])
 SHARED = Path(os.environ.get("STPNET_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -126,7 +126,7 @@ def test_ambiguous_masks_raise_naming_the_file_values_and_what_is_accepted(tmp_p
         load_mask(path)
     assert "{0, " in str(info.value) and "ccepted: a binary mask with exactly two values" in str(info.value)
     with pytest.raises(DataError, match=r"bad_mask\.png"):  # the converters go through open_image + mask_array
-        from modeling_stpnet.data.io import open_image
+        from stpnet.data.io import open_image
 
         mask_array(open_image(path))
 
@@ -156,7 +156,7 @@ def test_label_map_message_says_what_to_do() -> None:
 
 
 def test_kvasir_converter_reports_a_label_map_instead_of_skipping_it_as_empty(tmp_path) -> None:
-    from modeling_stpnet.data import convert_layout
+    from stpnet.data import convert_layout
 
     root = make_kvasir(tmp_path / "kv", n_train=3, n_test=1)
     (root / "masks" / "tr01.jpg").unlink()

@@ -11,8 +11,8 @@ import pytest
 import torch
 from runs import hub_script
 
+from benchmarks.unet import UNetConfig, UNetForSemanticSegmentation
 from modeling_stpnet import STPNetConfig, STPNetForSemanticSegmentation
-from modeling_stpnet.unet import UNetConfig, UNetForSemanticSegmentation
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("onnxruntime")

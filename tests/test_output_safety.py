@@ -13,8 +13,8 @@ import torch
 from runs import SAMPLE_CONFIG, hub_script, tiny_factory
 from safetensors.torch import save_file
 
-from modeling_stpnet.training import ConfigError, load_train_config, run_training
-from modeling_stpnet.training.checkpoints import (
+from stpnet.training import ConfigError, load_train_config, run_training
+from stpnet.training.checkpoints import (
     check_output_dir,
     check_resume_config,
     clear_run,

@@ -18,19 +18,20 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_stpnet import ScaleAwareTextRepository, STPNetConfig, STPNetForSemanticSegmentation, STPNetImageProcessor
-from modeling_stpnet.data.io import DataError
+from modeling_stpnet import STPNetConfig, STPNetForSemanticSegmentation, STPNetImageProcessor
 from modeling_stpnet.image_processing_stpnet import NO_LESION_DESCRIPTION
-from modeling_stpnet.predict import (
+from stpnet.data.io import DataError
+from stpnet.inference.cli import main
+from stpnet.inference.predict import (
     CheckpointError,
     FlipAveraged,
     is_hub_id,
     load_predictor,
-    main,
     prepare_image,
     resolve_checkpoint,
 )
-from modeling_stpnet.visualize import (
+from stpnet.text_repository import ScaleAwareTextRepository
+from stpnet.visualize import (
     LESION_COLOUR,
     TRUTH_COLOUR,
     comparison_overlay,
@@ -112,7 +113,7 @@ def test_cli_on_a_mixed_folder(
     (tmp_path / "in" / ".hidden.png").write_bytes(b"ignored")
     out = tmp_path / "out"
     kept = []  # on CPU the command keeps freed memory (tests/test_cpu_memory.py); not in the test process itself
-    monkeypatch.setattr("modeling_stpnet.predict_cli.keep_freed_memory", lambda: kept.append(True))
+    monkeypatch.setattr("stpnet.inference.cli.keep_freed_memory", lambda: kept.append(True))
     code = main(["--model", str(checkpoint), str(tmp_path / "in"), str(tmp_path / "missing.png"),
                  "--output-dir", str(out), "--batch-size", "2", "--threshold", "0.4", "--device", "cpu"])  # fmt: skip
     assert code == 0 and kept == [True]
@@ -150,7 +151,7 @@ def test_cli_exit_status_when_nothing_is_processed(checkpoint: Path, tmp_path: P
     files = write_bad_and_odd_files(tmp_path / "in")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "modeling_stpnet.predict", "--model", str(checkpoint), str(files["notes.txt"]),
+        [sys.executable, "-m", "stpnet.inference.cli", "--model", str(checkpoint), str(files["notes.txt"]),
          str(files["corrupt.jpg"]), "--output-dir", str(tmp_path / "out")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -13,15 +13,15 @@ import pytest
 from layouts import KVASIR, LVIT_TEXT, QATA_ROWS, ROOT, make_kvasir, make_lvit, make_qata
 from PIL import Image
 
-from modeling_stpnet.data import (
+from modeling_stpnet.image_processing_stpnet import STPNetImageProcessor
+from stpnet.data import (
     DataError,
     check_options,
     convert_layout,
     load_stpnet_dataset,
     save_stpnet_dataset,
 )
-from modeling_stpnet.image_processing_stpnet import STPNetImageProcessor
-from modeling_stpnet.training.data import SegmentationDataset, carve_validation_split
+from stpnet.training.data import SegmentationDataset, carve_validation_split
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10" + bytes(range(256))
 

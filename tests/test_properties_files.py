@@ -18,9 +18,9 @@ from PIL import Image
 from properties import budget, outcome
 from test_predict import SAMPLE_IMAGE, tiny_checkpoint
 
-from modeling_stpnet.data import convert_layout
-from modeling_stpnet.data.io import DataError
-from modeling_stpnet.predict import CheckpointError, load_checkpoint, prepare_image
+from stpnet.data import convert_layout
+from stpnet.data.io import DataError
+from stpnet.inference.predict import CheckpointError, load_checkpoint, prepare_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SAMPLE_BYTES = SAMPLE_IMAGE.read_bytes()

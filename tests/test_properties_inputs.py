@@ -16,10 +16,11 @@ from PIL import Image
 from properties import budget, outcome
 
 from modeling_stpnet import STPNetImageProcessor
-from modeling_stpnet.data.io import DataError
-from modeling_stpnet.data.lung_text import categories_from_zones, parse_lung_description
 from modeling_stpnet.image_processing_stpnet import IMAGENET_MEAN, IMAGENET_STD, mask_to_bool
-from modeling_stpnet.training.config import ConfigError, apply_overrides, config_from_dict
+from stpnet.data.io import DataError
+from stpnet.data.lung_text import categories_from_zones, parse_lung_description
+from stpnet.training.config import ConfigError, config_from_dict
+from stpnet.training.config_files import apply_overrides
 
 PROCESSOR = STPNetImageProcessor(size={"height": 32, "width": 32})
 DTYPES = [np.uint8, np.uint16, np.int8, np.int16, np.int32, np.int64, np.float16, np.float32, np.float64, np.bool_]
@@ -195,7 +196,7 @@ FRAGMENTS = [
 @budget(60)
 @given(st.lists(st.sampled_from(FRAGMENTS), max_size=6).map("\n".join) | st.text(max_size=40))
 def test_any_config_file_loads_or_is_refused_naming_it(tmp_path_factory, text: str) -> None:
-    from modeling_stpnet.training.config import load_train_config
+    from stpnet.training.config_files import load_train_config
 
     path = tmp_path_factory.mktemp("config") / "mine.yaml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_stpnet import ScaleAwareTextRepository, STPNetConfig
+from modeling_stpnet import STPNetConfig
+from stpnet.text_repository import ScaleAwareTextRepository
 
 TEXT_DIR = Path(__file__).resolve().parents[1] / "configuration" / "text"
 QATA_VOCAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "qata-cov19" / "stpnet_text_categories"

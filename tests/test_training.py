@@ -22,14 +22,14 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from modeling_stpnet import STPNetForSemanticSegmentation
-from modeling_stpnet.data import MaskDescriber
 from modeling_stpnet.losses import IGNORE_INDEX
-from modeling_stpnet.training import ConfigError, load_train_config, run_training
-from modeling_stpnet.training.augment import TextLabelPolicy, augment_pair, sample_generator
-from modeling_stpnet.training.config import AugmentSection
-from modeling_stpnet.training.data import EpochBatchSampler
-from modeling_stpnet.training.model import load_repository
-from modeling_stpnet.training.schedule import lr_factor
+from stpnet.data import MaskDescriber
+from stpnet.training import ConfigError, load_train_config, run_training
+from stpnet.training.augment import TextLabelPolicy, augment_pair, sample_generator
+from stpnet.training.config import AugmentSection
+from stpnet.training.data import EpochBatchSampler
+from stpnet.training.model import load_repository
+from stpnet.training.schedule import lr_factor
 
 TRAIN_SCRIPT = ROOT / "hub_scripts" / "train.py"
 ENV = {
@@ -256,7 +256,7 @@ def test_gradient_clipping_joint_and_by_group(use_text: bool) -> None:
     from accelerate import Accelerator
 
     from modeling_stpnet import STPNetConfig
-    from modeling_stpnet.training.gradients import clip_gradients, gradient_groups
+    from stpnet.training.gradients import clip_gradients, gradient_groups
 
     torch.manual_seed(0)
     config = STPNetConfig(base_channels=8, image_size=64, retrieval_backbone="resnet18", use_text=use_text)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.unet import UNetConfig, UNetForSemanticSegmentation
 from modeling_stpnet import STPNetSegmentationOutput
 from modeling_stpnet.blocks import DoubleConv, DownBlock, UpBlock
 from modeling_stpnet.losses import bce_loss, dice_loss
-from modeling_stpnet.unet import UNetConfig, UNetForSemanticSegmentation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -30,20 +30,20 @@ _PROBE_SIZE = 64
 def build_backbone_config(backbone_config: dict[str, Any], backbone_kwargs: dict[str, Any] | None) -> Any:
     """The transformers config of a backbone stored as a dict (with `model_type`), `backbone_kwargs` applied."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
 
     values = {k: v for k, v in backbone_config.items() if k != "transformers_version"}
     model_type = values.pop("model_type", None)
     if model_type is None:
         raise ValueError("backbone_config must name its model_type (e.g. 'mobilenet_v2', 'resnet')")
     config = AutoConfig.for_model(model_type, **values)
-    if model_type in MODEL_FOR_BACKBONE_MAPPING_NAMES:
+    if has_backbone_class(model_type):
         for key, value in (backbone_kwargs or {}).items():
             setattr(config, key, value)
     return config
 
 
 def has_backbone_class(model_type: str) -> bool:
+    """Whether transformers has a Backbone class (`AutoBackbone`) for this model type."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
 
     return model_type in MODEL_FOR_BACKBONE_MAPPING_NAMES
@@ -107,6 +107,13 @@ class STPNetBackbone(nn.Module):
         self.channels: list[int] = channels
         self.strides: list[int] = strides
 
+    @classmethod
+    def from_config(cls, config: Any) -> STPNetBackbone | None:
+        """The backbone an STPNet or U-Net config names, or None for the paper's from-scratch encoder."""
+        if config.backbone_config is None:
+            return None
+        return cls(config.backbone_config, config.backbone_kwargs, config.num_channels, config.backbone)
+
     @torch.no_grad()
     def _probe(self, num_channels: int) -> tuple[list[int], list[int]]:
         """Channels and strides of the selected maps, from one forward pass at 64x64 in eval mode."""
@@ -154,8 +161,4 @@ class STPNetBackbone(nn.Module):
 
 def _tensor(output: Any) -> torch.Tensor:
     """A submodule's output as one tensor (some return tuples or ModelOutputs whose first field is the map)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output[0] if hasattr(output, "__getitem__") else output
+    return output if isinstance(output, torch.Tensor) else output[0]

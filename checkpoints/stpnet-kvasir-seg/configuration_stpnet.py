@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 from typing import Any
@@ -23,12 +24,14 @@ _QATA_SENTENCES = [
 ]
 
 
-class STPNetConfig(PretrainedConfig):
-    r"""Configuration of an STPNet model ([`STPNetForSemanticSegmentation`]).
+class STPNetBaseConfig(PretrainedConfig):
+    r"""The fields STPNet and its U-Net baseline share: the input, the encoder (the paper's widths or a transformers
+    backbone), the decoder widths, the Dice + BCE weights and the initialisation. Subclasses add their own fields
+    and call `validate()` at the end of `__init__`.
 
     Args:
-        image_size (`int`, defaults to 224): training resolution; the position embeddings are made for it and
-            interpolated for any other multiple of 32.
+        image_size (`int`, defaults to 224): training resolution (any multiple of 32 runs); STPNet's position
+            embeddings are made for it and interpolated for other sizes.
         num_channels (`int`, defaults to 3): input channels (grayscale images are repeated to RGB by the processor).
         base_channels (`int`, defaults to 64): width of the full-resolution stage of the paper's from-scratch
             encoder; its widths are `[c, 2c, 4c, 8c, 8c]` from full resolution to 1/16. Unused with a `backbone_config`.
@@ -37,14 +40,121 @@ class STPNetConfig(PretrainedConfig):
             `backbone_config` when that is not given. Its weights are loaded only by training, when
             `use_pretrained_backbone` is true; a checkpoint carries the trained backbone itself.
         backbone_config (`dict`, *optional*): the backbone's transformers config (with `model_type`). The backbone
-            gives five maps at strides 2-32 (or four at 4-32, plus a small stem); the U-shape's skips, SSA and the
-            transformer branch run on them, and the prompt does not enter the encoder (a pretrained stage has no
-            input for the text channel).
+            gives five maps at strides 2-32 (or four at 4-32, plus a small stem).
         use_pretrained_backbone (`bool`, defaults to False): whether training starts the backbone from `backbone`'s
             weights. The model never loads them itself.
         backbone_kwargs (`dict`, *optional*): `out_features` selecting the maps (see `backbone_stpnet.py`).
         decoder_channels (`list[int]`, *optional*): widths of the four decoder stages from deep to shallow; default
             `[4c, 2c, c, c]` of the encoder's widths `[c, 2c, 4c, 8c, ...]`, as the paper.
+        dice_weight, bce_weight (`float`): segmentation loss weights (authors: .5, .5).
+        one_channel_conv_init (`str`, defaults to `"fan_in"`): He-normal mode of the convolutions to one channel
+            (the mask head, STPNet's SSA gates); every other convolution uses `fan_out`. In `fan_out` mode their
+            fan is 1, so their weights have std sqrt(2) whatever their input width and a fresh model's logits have
+            std 3-6; `fan_in` scales the same draws by 1/sqrt(width). Chosen on the CPU recipes' selection splits:
+            with `fan_out` one Kvasir-SEG seed in three stalled (`benchmarks/QUALITY.md`). Only a fresh model's init
+            changes; trained weights load unchanged.
+        initializer_range (`float`): std of the normal init of linear layers.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        num_channels: int = 3,
+        base_channels: int = 64,
+        backbone: str | None = None,
+        backbone_config: dict[str, Any] | PretrainedConfig | None = None,
+        use_pretrained_backbone: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        decoder_channels: list[int] | None = None,
+        dice_weight: float = 0.5,
+        bce_weight: float = 0.5,
+        one_channel_conv_init: str = "fan_in",
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("id2label", {0: "background", 1: "lesion"})
+        super().__init__(**kwargs)
+        self.image_size = image_size
+        self.num_channels = num_channels
+        self.base_channels = base_channels
+        if backbone_config is None and backbone is not None:  # as transformers' segmentation configs do
+            from transformers import AutoConfig
+
+            backbone_config = AutoConfig.from_pretrained(backbone)
+        if isinstance(backbone_config, PretrainedConfig):  # stored in config.json as a plain dict
+            backbone_config = {k: v for k, v in backbone_config.to_dict().items() if k != "transformers_version"}
+        self.backbone = backbone
+        self.backbone_config = backbone_config
+        self.use_pretrained_backbone = use_pretrained_backbone
+        self.backbone_kwargs = dict(backbone_kwargs) if backbone_kwargs else None
+        self.decoder_channels = list(decoder_channels) if decoder_channels is not None else None
+        self.dice_weight = dice_weight
+        self.bce_weight = bce_weight
+        self.one_channel_conv_init = one_channel_conv_init
+        self.initializer_range = initializer_range
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The settings this class and its bases define (the named arguments of their `__init__`), base fields first:
+        what a preset may set and what decides the architecture, the init and the losses."""
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            if isinstance(klass, type) and issubclass(klass, STPNetBaseConfig) and "__init__" in vars(klass):
+                parameters = inspect.signature(klass.__init__).parameters.values()
+                names += [p.name for p in parameters if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+        return list(dict.fromkeys(names))
+
+    @property
+    def encoder_channels(self) -> list[int]:
+        """Channels of the paper's CNN encoder from full resolution to 1/16: `[c, 2c, 4c, 8c, 8c]` (a backbone's
+        widths are known once it is built: `STPNetBackbone.channels`)."""
+        c = self.base_channels
+        return [c, 2 * c, 4 * c, 8 * c, 8 * c]
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the first shared field whose value cannot build a model."""
+        name = type(self).__name__
+        for field in ("image_size", "num_channels", "base_channels"):
+            if not _is_positive_int(getattr(self, field)):
+                raise ValueError(f"{name}.{field} must be a positive integer, got {getattr(self, field)!r}")
+        if self.image_size % 32:
+            raise ValueError(f"{name}.image_size must be a multiple of 32, got {self.image_size}")
+        backbone_config = self.backbone_config
+        if backbone_config is not None and not (
+            isinstance(backbone_config, dict) and isinstance(backbone_config.get("model_type"), str)
+        ):
+            raise ValueError(
+                f"{name}.backbone_config must be a transformers config dict with a model_type, "
+                f"got {str(backbone_config)[:80]!r}"
+            )
+        if not isinstance(self.use_pretrained_backbone, bool):
+            value = self.use_pretrained_backbone
+            raise ValueError(f"{name}.use_pretrained_backbone must be true or false, got {value!r}")
+        if self.use_pretrained_backbone and not self.backbone:
+            raise ValueError(f"{name}.use_pretrained_backbone needs `backbone`, the Hub id or folder of the weights")
+        decoder = self.decoder_channels
+        if decoder is not None and (len(decoder) != 4 or not all(_is_positive_int(c) and c % 2 == 0 for c in decoder)):
+            raise ValueError(f"{name}.decoder_channels must be four even positive integers, got {decoder!r}")
+        if self.one_channel_conv_init not in ("fan_in", "fan_out"):
+            mode = self.one_channel_conv_init
+            raise ValueError(f"{name}.one_channel_conv_init must be 'fan_in' or 'fan_out', got {mode!r}")
+        for field in ("dice_weight", "bce_weight", "initializer_range"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"{name}.{field} must be a number, got {value!r}")
+        for field in ("dice_weight", "bce_weight"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{name}.{field} must be >= 0, got {getattr(self, field)}")
+
+
+class STPNetConfig(STPNetBaseConfig):
+    r"""Configuration of an STPNet model ([`STPNetForSemanticSegmentation`]).
+
+    Args:
+        image_size, num_channels, base_channels, backbone, backbone_config, use_pretrained_backbone,
+        backbone_kwargs, decoder_channels, dice_weight, bce_weight, one_channel_conv_init, initializer_range:
+            as [`STPNetBaseConfig`]. With a backbone, the U-shape's skips, SSA and the transformer branch run on its
+            maps, and the prompt does not enter the encoder (a pretrained stage has no input for the text channel).
         text_hidden_size (`int`, defaults to 384): width of the text encoder's token states stored in the repository.
         text_max_length (`int`, defaults to 30): tokens per repository sentence.
         text_encoder_name_or_path (`str`): encoder used by `ScaleAwareTextRepository.encode` to build the
@@ -81,21 +191,13 @@ class STPNetConfig(PretrainedConfig):
             unit-variance random branch to features of std about 0.6. Chosen on the selection splits of the CPU
             recipes (`benchmarks/QUALITY.md`, section 10). Only a fresh model's init changes; trained
             weights load unchanged.
-        one_channel_conv_init (`str`, defaults to `"fan_in"`): He-normal mode of the convolutions to one channel
-            (the mask head and SSA's spatial gates); every other convolution uses `fan_out`. In `fan_out` mode their
-            fan is 1, so their weights have std sqrt(2) whatever their input width and a fresh model's logits have
-            std 3-6 (BCE 2.5-5 on the first batches); `fan_in` scales the same draws by 1/sqrt(width) (logits of
-            std about 1). Chosen on the CPU recipes' selection splits: with `fan_out` one Kvasir-SEG seed in three
-            stalled (`benchmarks/QUALITY.md`, section 12). Only a fresh model's init changes; trained
-            weights load unchanged.
         encoder_text_channel (`bool`, defaults to True): with a separate retrieval backbone, the scale's prompt
             enters each down block as an extra text-similarity channel, as the paper; `False` is the ablation
             without it (the prompts still reach the transformer branch and the decoder, as with `shared`).
-        dice_weight, bce_weight, retrieval_weight, classifier_weight (`float`): loss weights (authors: .5, .5, 1, 1).
+        retrieval_weight, classifier_weight (`float`): retrieval loss weights (authors: 1, 1).
         focal_gamma (`float`, defaults to 2.0): focusing parameter of the retrieval focal losses.
         teacher_forcing_prob (`float`, defaults to 0.0): probability, per training batch, that the segmentation
             branch receives the true description instead of the retrieved one.
-        initializer_range (`float`): std of the normal init of linear layers.
         text_embeddings_fingerprint (`str`, *optional*): digest of the categories and sentences the stored text
             embeddings were encoded from (set by `STPNetModel.set_text_embeddings`), so loading can tell when
             `text_sentences` was edited without re-encoding; `None` in checkpoints saved before it existed.
@@ -105,14 +207,6 @@ class STPNetConfig(PretrainedConfig):
 
     def __init__(
         self,
-        image_size: int = 224,
-        num_channels: int = 3,
-        base_channels: int = 64,
-        backbone: str | None = None,
-        backbone_config: dict[str, Any] | PretrainedConfig | None = None,
-        use_pretrained_backbone: bool = False,
-        backbone_kwargs: dict[str, Any] | None = None,
-        decoder_channels: list[int] | None = None,
         text_hidden_size: int = 384,
         text_max_length: int = 30,
         text_encoder_name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2",
@@ -131,28 +225,15 @@ class STPNetConfig(PretrainedConfig):
         use_text: bool = True,
         ssa_dilations: list[int] | None = None,
         zero_init_ssa: bool = True,
-        one_channel_conv_init: str = "fan_in",
         encoder_text_channel: bool = True,
-        dice_weight: float = 0.5,
-        bce_weight: float = 0.5,
         retrieval_weight: float = 1.0,
         classifier_weight: float = 1.0,
         focal_gamma: float = 2.0,
         teacher_forcing_prob: float = 0.0,
-        initializer_range: float = 0.02,
         text_embeddings_fingerprint: str | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("id2label", {0: "background", 1: "lesion"})
-        super().__init__(**kwargs)
-        self.image_size = image_size
-        self.num_channels = num_channels
-        self.base_channels = base_channels
-        self.backbone = backbone
-        self.backbone_config = resolve_backbone_config(backbone, backbone_config)
-        self.use_pretrained_backbone = use_pretrained_backbone
-        self.backbone_kwargs = dict(backbone_kwargs) if backbone_kwargs else None
-        self.decoder_channels = list(decoder_channels) if decoder_channels is not None else None
+        super().__init__(**kwargs)  # the shared fields: STPNetBaseConfig
         self.text_hidden_size = text_hidden_size
         self.text_max_length = text_max_length
         self.text_encoder_name_or_path = text_encoder_name_or_path
@@ -173,24 +254,13 @@ class STPNetConfig(PretrainedConfig):
         self.use_text = use_text
         self.ssa_dilations = list(ssa_dilations) if ssa_dilations is not None else [6, 12, 18]
         self.zero_init_ssa = zero_init_ssa
-        self.one_channel_conv_init = one_channel_conv_init
         self.encoder_text_channel = encoder_text_channel
-        self.dice_weight = dice_weight
-        self.bce_weight = bce_weight
         self.retrieval_weight = retrieval_weight
         self.classifier_weight = classifier_weight
         self.focal_gamma = focal_gamma
         self.teacher_forcing_prob = teacher_forcing_prob
-        self.initializer_range = initializer_range
         self.text_embeddings_fingerprint = text_embeddings_fingerprint
         self.validate()
-
-    @property
-    def encoder_channels(self) -> list[int]:
-        """Channels of the paper's CNN encoder from full resolution to 1/16: `[c, 2c, 4c, 8c, 8c]` (a backbone's
-        widths are known once it is built: `STPNetBackbone.channels`)."""
-        c = self.base_channels
-        return [c, 2 * c, 4 * c, 8 * c, 8 * c]
 
     @property
     def num_text_categories(self) -> int:
@@ -204,10 +274,8 @@ class STPNetConfig(PretrainedConfig):
 
     def validate(self) -> None:
         """Raise `ValueError` naming the first field whose value cannot build a model."""
+        super().validate()
         positive_ints = {
-            "image_size": self.image_size,
-            "num_channels": self.num_channels,
-            "base_channels": self.base_channels,
             "text_hidden_size": self.text_hidden_size,
             "text_max_length": self.text_max_length,
             "num_attention_heads": self.num_attention_heads,
@@ -220,33 +288,28 @@ class STPNetConfig(PretrainedConfig):
             raise ValueError(
                 f"STPNetConfig.ssa_dilations must be a non-empty list of positive integers, got {self.ssa_dilations!r}"
             )
-        if self.image_size % 32:
-            raise ValueError(f"STPNetConfig.image_size must be a multiple of 32, got {self.image_size}")
         if self.token_stride not in (16, 32):
             raise ValueError(f"STPNetConfig.token_stride must be 16 or 32, got {self.token_stride}")
         if self.retrieval_backbone not in RETRIEVAL_BACKBONES:
             raise ValueError(
                 f"STPNetConfig.retrieval_backbone must be one of {RETRIEVAL_BACKBONES}, got {self.retrieval_backbone!r}"
             )
-        validate_backbone_fields(self)
         if self.retrieval_backbone == "backbone" and self.backbone_config is None:
             raise ValueError("STPNetConfig.retrieval_backbone='backbone' needs a backbone_config (or backbone)")
         if self.backbone_config is None:  # a backbone's widths are checked when it is built
             check_transformer_widths(self, self.encoder_channels[:4], f"base_channels={self.base_channels}")
-        validate_init_mode("STPNetConfig", self.one_channel_conv_init)
         # Checked by type first: a string "false" is truthy and would silently switch a module on, and a string or
         # None in a weight would only fail deep inside the loss.
         for name in ("shared_retrieval_detach", "use_ssa", "use_text", "zero_init_ssa", "encoder_text_channel"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"STPNetConfig.{name} must be true or false, got {getattr(self, name)!r}")
-        numbers = ("mlp_ratio", "dice_weight", "bce_weight", "retrieval_weight", "classifier_weight", "focal_gamma")
-        for name in (*numbers, "teacher_forcing_prob", "initializer_range"):
+        for name in ("mlp_ratio", "retrieval_weight", "classifier_weight", "focal_gamma", "teacher_forcing_prob"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
                 raise ValueError(f"STPNetConfig.{name} must be a number, got {value!r}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"STPNetConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
-        for name in ("dice_weight", "bce_weight", "retrieval_weight", "classifier_weight", "focal_gamma"):
+        for name in ("retrieval_weight", "classifier_weight", "focal_gamma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"STPNetConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.teacher_forcing_prob <= 1.0:
@@ -284,39 +347,6 @@ def normalise_sentence(sentence: str) -> str:
     return sentence.strip().strip(".").strip().lower()
 
 
-def resolve_backbone_config(backbone: str | None, backbone_config: Any) -> dict[str, Any] | None:
-    """`backbone_config` as a plain dict (stored in config.json), read from `backbone` (Hub id or folder) when only
-    that is given, as transformers' segmentation configs do."""
-    if backbone_config is None and backbone is not None:
-        from transformers import AutoConfig
-
-        backbone_config = AutoConfig.from_pretrained(backbone)
-    if isinstance(backbone_config, PretrainedConfig):
-        backbone_config = {k: v for k, v in backbone_config.to_dict().items() if k != "transformers_version"}
-    return backbone_config
-
-
-def validate_backbone_fields(config: PretrainedConfig) -> None:
-    """The backbone and decoder fields that STPNet and its U-Net baseline share (`ValueError` naming the field)."""
-    name = type(config).__name__
-    backbone_config = config.backbone_config
-    if backbone_config is not None and not (
-        isinstance(backbone_config, dict) and isinstance(backbone_config.get("model_type"), str)
-    ):
-        raise ValueError(
-            f"{name}.backbone_config must be a transformers config dict with a model_type, "
-            f"got {str(backbone_config)[:80]!r}"
-        )
-    if not isinstance(config.use_pretrained_backbone, bool):
-        value = config.use_pretrained_backbone
-        raise ValueError(f"{name}.use_pretrained_backbone must be true or false, got {value!r}")
-    if config.use_pretrained_backbone and not config.backbone:
-        raise ValueError(f"{name}.use_pretrained_backbone needs `backbone`, the Hub id or folder of the weights")
-    decoder = config.decoder_channels
-    if decoder is not None and (len(decoder) != 4 or not all(_is_positive_int(c) and c % 2 == 0 for c in decoder)):
-        raise ValueError(f"{name}.decoder_channels must be four even positive integers, got {decoder!r}")
-
-
 def check_transformer_widths(config: STPNetConfig, widths: list[int], source: str) -> None:
     """The transformer branch joins two tokens of each scale's width: the heads must divide every `2 * width`."""
     for c in widths:
@@ -325,12 +355,6 @@ def check_transformer_widths(config: STPNetConfig, widths: list[int], source: st
                 f"STPNetConfig.num_attention_heads={config.num_attention_heads} must divide the joined token width "
                 f"2*{c} of every scale (encoder widths {widths} from {source})"
             )
-
-
-def validate_init_mode(config_name: str, mode: Any) -> None:
-    """Raise `ValueError` unless `mode` is a He-normal mode of `one_channel_conv_init`."""
-    if mode not in ("fan_in", "fan_out"):
-        raise ValueError(f"{config_name}.one_channel_conv_init must be 'fan_in' or 'fan_out', got {mode!r}")
 
 
 def _is_positive_int(value: Any) -> bool:

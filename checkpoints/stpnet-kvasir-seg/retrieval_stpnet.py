@@ -60,9 +60,7 @@ class TextRetrievalNetwork(nn.Module):
             channels = encoder_channels or config.encoder_channels
             in_channels = channels[4] + channels[3]
         elif config.retrieval_backbone == "backbone":
-            self.backbone = STPNetBackbone(
-                config.backbone_config, config.backbone_kwargs, config.num_channels, config.backbone
-            )
+            self.backbone = STPNetBackbone.from_config(config)
             in_channels = self.backbone.channels[3] + self.backbone.channels[4]
         else:
             self.backbone = build_resnet_backbone(config.retrieval_backbone, config.num_channels)

@@ -5,7 +5,7 @@
     metric.add_batch(predictions=[pred_mask, ...], references=[true_mask, ...])
     metric.compute()   # {"dice", "iou", "micro_dice", "micro_iou", "num_images"}
 
-The numbers come from ``modeling_stpnet.metrics`` (the implementation training and ``hub_scripts/evaluate.py``
+The numbers come from ``stpnet.metrics`` (the implementation training and ``hub_scripts/evaluate.py``
 use), so this module needs the ``stpnet`` package importable (``pip install -e .`` or the repository root on
 ``sys.path``).
 """
@@ -14,7 +14,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from modeling_stpnet.metrics import (
+from stpnet.metrics import (
     counts_of_masks,
     dice_from_counts,
     iou_from_counts,
