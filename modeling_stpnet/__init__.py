@@ -70,10 +70,13 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec: Any) -> ModuleType:
         new = _new_name(spec.name)
         warnings.warn(f"`{spec.name}` moved to `{new}`; import it from there", FutureWarning, stacklevel=2)
-        return importlib.import_module(new)
+        module = importlib.import_module(new)
+        spec.loader_state = module.__spec__  # the import system sets the alias spec on the module next
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        """The module was executed under its new name already."""
+        """The module was executed under its new name already; it gets its own spec back."""
+        module.__spec__ = module.__spec__.loader_state
 
 
 # First in line: a moved package's submodules would otherwise be found on its new __path__ and run a second time

@@ -46,6 +46,7 @@ def test_old_module_paths_are_the_new_modules_with_a_warning(old: str, new: str)
     with pytest.warns(FutureWarning, match=rf"`{old}` moved to `{new}`"):
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)
+    assert module.__spec__.name == new  # the module keeps its own spec (reload, pickling, runpy)
 
 
 def test_old_top_level_names_still_import() -> None:
