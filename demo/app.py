@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-# In the repository the package lies one folder up; in a Space it is copied next to this file.
+# In the repository the packages lie one folder up; in a Space they are copied next to this file.
 for _root in (HERE, HERE.parent):
-    if (_root / "modeling_stpnet").is_dir():
+    if (_root / "stpnet").is_dir():
         if str(_root) not in sys.path:
             sys.path.insert(0, str(_root))
         break

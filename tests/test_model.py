@@ -445,15 +445,18 @@ BACKBONE = {
 }
 
 
-COMMITTED = ROOT / "checkpoints" / "stpnet-kvasir-seg"
+COMMITTED = {
+    "kvasir-seg": ROOT / "checkpoints" / "stpnet-kvasir-seg",
+    "qata-cov19": ROOT / "checkpoints" / "stpnet-qata-cov19",
+}
 
 
-@pytest.mark.parametrize("encoder", ["paper", "backbone", "committed"])
+@pytest.mark.parametrize("encoder", ["paper", "backbone", "kvasir-seg", "qata-cov19"])
 def test_remote_code_in_a_clean_process(tmp_path: Path, encoder: str) -> None:
-    """A fresh checkpoint of each encoder kind, and the committed Kvasir-SEG model as it is in the repository."""
+    """A fresh checkpoint of each encoder kind, and the committed models as they are in the repository."""
     ckpt = tmp_path / "checkpoint"
-    if encoder == "committed":
-        ckpt, model = COMMITTED, STPNetForSemanticSegmentation.from_pretrained(COMMITTED).eval()
+    if encoder in COMMITTED:
+        ckpt, model = COMMITTED[encoder], STPNetForSemanticSegmentation.from_pretrained(COMMITTED[encoder]).eval()
     else:
         model = build(**(BACKBONE if encoder == "backbone" else {})).eval()
         model.save_pretrained(ckpt)
