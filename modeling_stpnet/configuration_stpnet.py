@@ -114,9 +114,7 @@ class STPNetBaseConfig(PretrainedConfig):
     def validate(self) -> None:
         """Raise `ValueError` naming the first shared field whose value cannot build a model."""
         name = type(self).__name__
-        for field in ("image_size", "num_channels", "base_channels"):
-            if not _is_positive_int(getattr(self, field)):
-                raise ValueError(f"{name}.{field} must be a positive integer, got {getattr(self, field)!r}")
+        self._require_positive_ints("image_size", "num_channels", "base_channels")
         if self.image_size % 32:
             raise ValueError(f"{name}.image_size must be a multiple of 32, got {self.image_size}")
         backbone_config = self.backbone_config
@@ -138,13 +136,27 @@ class STPNetBaseConfig(PretrainedConfig):
         if self.one_channel_conv_init not in ("fan_in", "fan_out"):
             mode = self.one_channel_conv_init
             raise ValueError(f"{name}.one_channel_conv_init must be 'fan_in' or 'fan_out', got {mode!r}")
-        for field in ("dice_weight", "bce_weight", "initializer_range"):
+        self._require_numbers("dice_weight", "bce_weight", "initializer_range")
+        self._require_non_negative("dice_weight", "bce_weight")
+
+    # The three checks every config field of a count, a size or a loss weight goes through, named after the class.
+    def _require_positive_ints(self, *fields: str) -> None:
+        for field in fields:
+            value = getattr(self, field)
+            if not _is_positive_int(value):
+                raise ValueError(f"{type(self).__name__}.{field} must be a positive integer, got {value!r}")
+
+    def _require_numbers(self, *fields: str) -> None:
+        # Checked by type first: a string or None in a weight would only fail deep inside the loss.
+        for field in fields:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise ValueError(f"{name}.{field} must be a number, got {value!r}")
-        for field in ("dice_weight", "bce_weight"):
+                raise ValueError(f"{type(self).__name__}.{field} must be a number, got {value!r}")
+
+    def _require_non_negative(self, *fields: str) -> None:
+        for field in fields:
             if getattr(self, field) < 0:
-                raise ValueError(f"{name}.{field} must be >= 0, got {getattr(self, field)}")
+                raise ValueError(f"{type(self).__name__}.{field} must be >= 0, got {getattr(self, field)}")
 
 
 class STPNetConfig(STPNetBaseConfig):
@@ -275,15 +287,7 @@ class STPNetConfig(STPNetBaseConfig):
     def validate(self) -> None:
         """Raise `ValueError` naming the first field whose value cannot build a model."""
         super().validate()
-        positive_ints = {
-            "text_hidden_size": self.text_hidden_size,
-            "text_max_length": self.text_max_length,
-            "num_attention_heads": self.num_attention_heads,
-            "retrieval_top_k": self.retrieval_top_k,
-        }
-        for name, value in positive_ints.items():
-            if not _is_positive_int(value):
-                raise ValueError(f"STPNetConfig.{name} must be a positive integer, got {value!r}")
+        self._require_positive_ints("text_hidden_size", "text_max_length", "num_attention_heads", "retrieval_top_k")
         if not self.ssa_dilations or not all(_is_positive_int(d) for d in self.ssa_dilations):
             raise ValueError(
                 f"STPNetConfig.ssa_dilations must be a non-empty list of positive integers, got {self.ssa_dilations!r}"
@@ -298,20 +302,15 @@ class STPNetConfig(STPNetBaseConfig):
             raise ValueError("STPNetConfig.retrieval_backbone='backbone' needs a backbone_config (or backbone)")
         if self.backbone_config is None:  # a backbone's widths are checked when it is built
             check_transformer_widths(self, self.encoder_channels[:4], f"base_channels={self.base_channels}")
-        # Checked by type first: a string "false" is truthy and would silently switch a module on, and a string or
-        # None in a weight would only fail deep inside the loss.
+        # Checked by type first: a string "false" is truthy and would silently switch a module on.
         for name in ("shared_retrieval_detach", "use_ssa", "use_text", "zero_init_ssa", "encoder_text_channel"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"STPNetConfig.{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("mlp_ratio", "retrieval_weight", "classifier_weight", "focal_gamma", "teacher_forcing_prob"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise ValueError(f"STPNetConfig.{name} must be a number, got {value!r}")
+        weights = ("retrieval_weight", "classifier_weight", "focal_gamma")
+        self._require_numbers("mlp_ratio", *weights, "teacher_forcing_prob")
         if self.mlp_ratio <= 0:
             raise ValueError(f"STPNetConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
-        for name in ("retrieval_weight", "classifier_weight", "focal_gamma"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"STPNetConfig.{name} must be >= 0, got {getattr(self, name)}")
+        self._require_non_negative(*weights)
         if not 0.0 <= self.teacher_forcing_prob <= 1.0:
             raise ValueError(f"STPNetConfig.teacher_forcing_prob must be in [0, 1], got {self.teacher_forcing_prob}")
         validate_repository(self.text_categories, self.text_sentences)
