@@ -323,6 +323,7 @@ def run(args: argparse.Namespace, progress: Callable[[dict[str, Any]], None] | N
             gmacs[name, size] = count_gmacs(cpu_model, size)
 
     rows: list[dict[str, Any]] = []
+    row_keys: list[str] = []  # each row's key in measure_memory's peaks
     settings = all_settings(args, device)
     for setting in settings:
         print(f"{setting.label()}: {setting.rounds} rounds", flush=True)
@@ -356,14 +357,14 @@ def run(args: argparse.Namespace, progress: Callable[[dict[str, Any]], None] | N
             else:
                 row["step_ms"] = row["latency_ms"]
             rows.append(row)
+            row_keys.append(f"{setting.key}|{name}")
         if progress is not None:
             progress(results_payload(machine, "not measured yet", rows, complete=False))
 
     measured = [t for t in settings if args.memory_all or t.mode == "train" or t.batch == args.latency_batch]
     method, peaks = ("skipped (--no-memory)", {}) if args.no_memory else measure_memory(models, measured, device)
-    for row in rows:
-        key = f"{row['mode']}|{row['dtype']}|{row['form']}|{row['image_size']}|{row['batch_size']}"
-        peak = peaks.get(f"{key}|{row['model']}")
+    for row, key in zip(rows, row_keys):
+        peak = peaks.get(key)
         row["peak_memory_mb"] = None if peak is None else round(peak, 1)
 
     machine["load_average_samples"] = load_samples
